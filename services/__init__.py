@@ -1,0 +1,1 @@
+"""CaraServe services: one package per process (see ../shared/DESIGN.md, "Processes")."""

@@ -1,0 +1,1 @@
+"""gpu_worker: the inference engine (model, paged KV cache, continuous batching, multi-LoRA) and its frontends."""

@@ -1,0 +1,1 @@
+"""Code shared by every CaraServe service: configuration, paths, model provisioning, adapter validation."""
