@@ -1,0 +1,105 @@
+"""`caraserve`: the command-line entry point, a small dispatcher over subcommands.
+
+Each subcommand names its handler as "module:function" and the module is imported only when the subcommand
+runs, so `caraserve --help` stays fast. A handler takes the parsed arguments and returns an exit code; it raises
+CLIError for a problem the user can fix, which prints as one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, then the process exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine's options (services/gpu_worker/engine/config.py); unset ones keep EngineConfig's defaults."""
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", metavar="PATH",
+                       help="base model: a local Hugging Face directory or .gguf file "
+                            "(default: the embedded SmolLM2-135M-Instruct)")
+    group.add_argument("--served-model-name", metavar="NAME",
+                       help="the base model's name in requests' `model` field (default: derived from the model)")
+    group.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                       help="weight and activation dtype (default: auto = float32 on CPU, bfloat16 on CUDA)")
+    group.add_argument("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: auto)")
+    group.add_argument("--max-lora-rank", type=int, metavar="N", help="refuse adapters of higher rank (default: 256)")
+    group.add_argument("--max-loras", type=int, metavar="N", help="adapters resident at once (default: 8)")
+    group.add_argument("--max-num-seqs", type=int, metavar="N", help="sequences running at once (default: 64)")
+    group.add_argument("--max-num-batched-tokens", type=int, metavar="N",
+                       help="tokens per engine step, prefill chunks and decodes together (default: 512)")
+    group.add_argument("--data-dir", metavar="DIR",
+                       help="cache for converted models (default: $CARASERVE_DATA_DIR or ~/.cache/caraserve)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caraserve",
+        description="CaraServe mesh: serve many LoRA adapters on one base LLM.",
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=30),
+    )
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+
+    run_batch = commands.add_parser(
+        "run-batch",
+        help="run an OpenAI batch file (JSONL) offline",
+        description="Run the requests of an OpenAI batch input file (one JSON object a line: custom_id, "
+                    "method POST, url /v1/chat/completions or /v1/completions, body) through the engine, all "
+                    "at once with continuous batching, and write OpenAI batch output records in input order. "
+                    "A bad line gets an error record; the others still run.",
+    )
+    run_batch.add_argument("-i", "--input", required=True, metavar="FILE", help="batch input JSONL ('-': stdin)")
+    run_batch.add_argument("-o", "--output", required=True, metavar="FILE", help="results JSONL ('-': stdout)")
+    run_batch.add_argument("--lora-modules", nargs="+", action="extend", metavar="NAME=PATH",
+                           help="PEFT LoRA adapters to serve, requested by NAME in the `model` field "
+                                "(one or more; the option may repeat)")
+    add_engine_args(run_batch)
+    run_batch.set_defaults(handler="services.gpu_worker.run_batch:run_batch_command")
+
+    demo = commands.add_parser(
+        "demo",
+        help="show the demo adapters' behaviours, offline",
+        description="Ask a few questions of the base model and of every shipped demo adapter, in one batch "
+                    "(the run-batch code path), and print question, model and answer as a table.",
+    )
+    demo.add_argument("--output", metavar="FILE", help="also keep the batch results as JSONL")
+    demo.add_argument("--question", action="append", metavar="TEXT",
+                      help="ask this instead of the built-in questions (may repeat)")
+    demo.add_argument("--max-tokens", type=int, default=64, metavar="N", help="tokens per answer (default: 64)")
+    add_engine_args(demo)
+    demo.set_defaults(handler="services.gpu_worker.run_batch:demo_command")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv`, run the subcommand, return its exit code (2: bad usage, 1: failure)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed usage and the error (or the help)
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    module, _, function = args.handler.partition(":")
+    try:
+        return getattr(importlib.import_module(module), function)(args)
+    except CLIError as exc:
+        print(f"caraserve {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"caraserve {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    from services.cli import main as _main  # the module proper, so CLIError is one class for all handlers
+
+    sys.exit(_main())

@@ -1,0 +1,59 @@
+"""The engine's configuration: one dataclass, checked in `__post_init__`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message is one line."""
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # local HF directory or .gguf file; None = the embedded default (SmolLM2-135M-Instruct)
+    served_model_name: str | None = None  # the base model's name in requests; default derived from the model path
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data_dir: str | None = None  # where converted models are cached (default ~/.cache/caraserve)
+    max_lora_rank: int = 256  # adapters of higher rank are refused at load
+    max_loras: int = 8  # resident adapter slots (LRU; an adapter in use is never evicted)
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 512  # token budget of one step: prefill chunks and decodes share it
+    block_size: int = 16  # tokens per KV cache block
+    num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 1.0  # KV cache budget when num_kv_blocks is None
+    max_model_len: int | None = None  # context limit; None = the model's max_position_embeddings (capped by KV)
+    lora_backend: str = "torch"  # torch (reference); triton comes with the GPU path
+    num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not 1 <= self.max_lora_rank <= 1024:
+            raise ConfigError(f"max_lora_rank must be between 1 and 1024, got {self.max_lora_rank}")
+        for name in ("max_loras", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_gb <= 0:
+            raise ConfigError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.lora_backend not in ("torch",):
+            raise ConfigError(f"lora_backend must be 'torch' (triton arrives with the GPU path), got {self.lora_backend!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} asked for, but CUDA is not available")
+        return device
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]

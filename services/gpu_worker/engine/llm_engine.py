@@ -1,0 +1,253 @@
+"""`LLMEngine`: the synchronous engine core — add_request, step, abort, adapter load/unload.
+
+A step is three calls (as nano-vllm): `scheduler.schedule()` picks the sequences and token counts,
+`runner.run()` computes and samples, `_postprocess()` appends tokens, detokenizes, checks stop conditions and
+frees what finished. No asyncio or NATS here: the services wrap this class.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from shared.adapters import BaseModelShape, LoRAAdapter, load_adapter
+from shared.model_provisioning import resolve_model
+from services.gpu_worker.engine.adapter_cache import AdapterCache
+from services.gpu_worker.engine.block_manager import BlockManager
+from services.gpu_worker.engine.config import EngineConfig
+from services.gpu_worker.engine.detokenizer import IncrementalDetokenizer
+from services.gpu_worker.engine.model_runner import ModelRunner
+from services.gpu_worker.engine.scheduler import ScheduledBatch, Scheduler
+from services.gpu_worker.engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence, TokenLogprob
+from services.gpu_worker.lora.slot_weights import build_slot_weights
+from services.gpu_worker.model.llama import LlamaModel
+from services.gpu_worker.model.weights import check_supported
+
+log = logging.getLogger(__name__)
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class EngineRequestError(ValueError):
+    """A request or adapter operation the engine refuses; the message is one line for the client."""
+
+
+@dataclass
+class GenerationResult:
+    """A finished request, gathered by `generate()`."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        resolved = resolve_model(config.model, config.data_dir)
+        self.model_path = resolved.path
+        self.model_name = config.served_model_name or resolved.name
+        self.hf_config = AutoConfig.from_pretrained(resolved.path)
+        check_supported(self.hf_config)
+        self.tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+        device, dtype = config.torch_device(), config.torch_dtype()
+
+        c = self.hf_config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        token_bytes = 2 * c.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gb * 2**30) // (token_bytes * config.block_size))
+        limit = config.max_model_len or c.max_position_embeddings
+        self.max_model_len = min(limit, num_blocks * config.block_size)
+
+        self.model = LlamaModel(resolved.path, c, dtype, device, max_positions=self.max_model_len)
+        self.base_shape = BaseModelShape.from_hf_config(c)
+        widths = self.model.lora_part_widths()
+        self.adapters = AdapterCache(
+            config.max_loras, lambda a: build_slot_weights(a, c.num_hidden_layers, widths, dtype, device)
+        )
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.adapters.slots)
+        self.eos_ids = self._eos_ids()
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._aborted: list[RequestOutput] = []
+        self._arrival = itertools.count()
+        log.info(
+            "engine ready: %s on %s/%s, %d KV blocks of %d, max_model_len %d",
+            self.model_name, device, str(dtype).removeprefix("torch."), num_blocks, config.block_size, self.max_model_len,
+        )
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.hf_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, (list, tuple)):
+                ids.update(source)
+        try:
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(self.model_path).eos_token_id
+            ids.update([gen] if isinstance(gen, int) else gen or [])
+        except OSError:
+            pass
+        return ids
+
+    # ---- adapters ----
+    def load_adapter(self, name: str, path) -> LoRAAdapter:
+        """Validate and register an adapter (host tier); it is put in a slot when a request needs it."""
+        if not _ADAPTER_NAME.match(name or ""):
+            raise EngineRequestError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
+        if name == self.model_name:
+            raise EngineRequestError(f"adapter name {name!r} is the base model's name")
+        adapter = load_adapter(path, self.base_shape, self.config.max_lora_rank, name=name)
+        try:
+            self.adapters.register(adapter)
+        except ValueError as e:
+            raise EngineRequestError(str(e)) from None
+        return adapter
+
+    def unload_adapter(self, name: str) -> None:
+        """Refuse new requests for `name` at once; its running requests finish, then its slot is freed."""
+        try:
+            self.adapters.unregister(name)
+        except KeyError:
+            raise EngineRequestError(f"adapter {name!r} is not loaded") from None
+
+    def adapter_names(self) -> list[str]:
+        return sorted(self.adapters.registered)
+
+    # ---- requests ----
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Apply the tokenizer's chat template (with the assistant turn opened) and tokenize."""
+        if not isinstance(messages, list) or not messages:
+            raise EngineRequestError("messages must be a non-empty list")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise EngineRequestError("each message must be an object with string 'role' and 'content'")
+        if not self.tokenizer.chat_template:
+            raise EngineRequestError(f"model {self.model_name!r} has no chat template: use /v1/completions")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, adapter: str | None = None
+    ) -> None:
+        if request_id in self._seqs:
+            raise EngineRequestError(f"request id {request_id!r} is already running")
+        if adapter == self.model_name:
+            adapter = None
+        if adapter is not None and not self.adapters.is_available(adapter):
+            raise EngineRequestError(f"unknown model or adapter {adapter!r}")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise EngineRequestError("the prompt is empty")
+        vocab = self.hf_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise EngineRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise EngineRequestError(
+                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens"
+            )
+        seq = Sequence(request_id, ids, params, adapter, next(self._arrival))
+        self._seqs[request_id] = seq
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks and adapter slot; its final output comes with the next step."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq)
+        seq.finish_reason = FinishReason.ABORT
+        detok = self._detok.pop(request_id)
+        del self._seqs[request_id]
+        self._aborted.append(
+            RequestOutput(request_id, [], detok.take(final=True), True, FinishReason.ABORT,
+                          prompt_tokens=seq.prompt_len, completion_tokens=seq.num_generated)
+        )
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs) or bool(self._aborted)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # ---- the step ----
+    def step(self) -> list[RequestOutput]:
+        outputs, self._aborted = self._aborted, []
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        sampled = self.runner.run(sched)
+        outputs.extend(self._postprocess(sched, sampled))
+        return outputs
+
+    def _postprocess(self, sched: ScheduledBatch, sampled: dict[int, tuple[int, TokenLogprob | None]]) -> list[RequestOutput]:
+        outputs = []
+        for j, seq in enumerate(sched.seqs):
+            seq.num_computed += sched.num_tokens[j]
+        for j, (token, logprob) in sampled.items():
+            seq = sched.seqs[j]
+            seq.token_ids.append(token)
+            detok = self._detok[seq.request_id]
+            p = seq.params
+            reason = None
+            if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+                reason = FinishReason.STOP
+            elif detok.add(token):
+                reason = FinishReason.STOP
+            elif seq.num_generated >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = FinishReason.LENGTH
+            finished = reason is not None
+            outputs.append(
+                RequestOutput(
+                    seq.request_id, [token], detok.take(final=finished), finished, reason,
+                    [logprob] if logprob is not None else None, seq.prompt_len, seq.num_generated,
+                )
+            )
+            if finished:
+                seq.finish_reason = reason
+                self.scheduler.finish(seq)
+                del self._seqs[seq.request_id], self._detok[seq.request_id]
+        return outputs
+
+    # ---- convenience ----
+    def generate(
+        self,
+        prompts: list[str | list[int]],
+        params: SamplingParams | list[SamplingParams],
+        adapters: list[str | None] | None = None,
+    ) -> list[GenerationResult]:
+        """Run prompts to completion through continuous batching; results in prompt order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        results = {}
+        base = f"gen-{next(self._arrival)}-"
+        for i, (prompt, p, a) in enumerate(zip(prompts, params_list, adapters)):
+            self.add_request(base + str(i), prompt, p, a)
+            results[base + str(i)] = GenerationResult(base + str(i))
+        while self.has_unfinished():
+            for out in self.step():
+                r = results.get(out.request_id)
+                if r is None:
+                    continue
+                r.token_ids += out.new_token_ids
+                r.text += out.new_text
+                r.logprobs += out.logprobs or []
+                r.prompt_tokens = out.prompt_tokens
+                if out.finished:
+                    r.finish_reason = out.finish_reason
+        return list(results.values())

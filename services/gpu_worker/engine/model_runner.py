@@ -1,0 +1,90 @@
+"""`ModelRunner`: owns the model, the KV cache tensors and the adapter slots' weights; runs one step.
+
+`run(batch)` lays the scheduled sequences out as a `ForwardBatch` (grouped by adapter slot), runs the forward
+pass and samples one token for each sequence whose fed tokens reach its end. The only host sync of a step is the
+`.tolist()` of the sampled ids (and of logprobs when asked).
+"""
+from __future__ import annotations
+
+import torch
+
+from services.gpu_worker.engine.forward_batch import ForwardBatch, PrefillSeqInfo
+from services.gpu_worker.engine.sampler import sample
+from services.gpu_worker.engine.scheduler import ScheduledBatch
+from services.gpu_worker.engine.sequence import Sequence, TokenLogprob
+from services.gpu_worker.lora.batch_info import LoRABatchInfo
+from services.gpu_worker.lora.slot_weights import SlotWeights
+from services.gpu_worker.model.llama import LlamaModel
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, lora_slots: list[SlotWeights | None]):
+        self.model = model
+        self.block_size = block_size
+        self.device = model.device
+        shape = (model.num_layers, num_blocks * block_size, model.num_kv_heads, model.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
+        self.lora_slots = lora_slots  # shared with the AdapterCache, which fills and empties the slots
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare(self, sched: ScheduledBatch) -> tuple[ForwardBatch, list[int]]:
+        """Build the step's ForwardBatch; also return the indices (into sched.seqs) of the sequences that sample."""
+        order = sorted(range(len(sched.seqs)), key=lambda j: -1 if sched.seqs[j].adapter_slot is None else sched.seqs[j].adapter_slot)
+        ids, positions, slots, logits_idx, samplers = [], [], [], [], []
+        prefills: list[PrefillSeqInfo] = []
+        decode_idx, decode_ctx = [], []
+        segments: list[tuple[int, int, int]] = []
+        for j in order:
+            seq, n = sched.seqs[j], sched.num_tokens[j]
+            start, ctx = len(ids), seq.num_computed
+            ids.extend(seq.token_ids[ctx : ctx + n])
+            positions.extend(range(ctx, ctx + n))
+            slots.extend(self._slots(seq, ctx, ctx + n))
+            if n == 1 and ctx > 0:
+                decode_idx.append(start)
+                decode_ctx.append(self._slots(seq, 0, ctx + 1))
+            else:
+                ctx_slots = torch.tensor(self._slots(seq, 0, ctx + n), device=self.device) if ctx else None
+                prefills.append(PrefillSeqInfo(start, n, ctx, ctx_slots))
+            if ctx + n == seq.num_tokens:
+                logits_idx.append(start + n - 1)
+                samplers.append(j)
+            if seq.adapter_slot is not None:
+                if segments and segments[-1][0] == seq.adapter_slot:
+                    segments[-1] = (seq.adapter_slot, segments[-1][1], start + n)
+                else:
+                    segments.append((seq.adapter_slot, start, start + n))
+        dev = self.device
+        batch = ForwardBatch(
+            input_ids=torch.tensor(ids, device=dev),
+            positions=torch.tensor(positions, device=dev),
+            slot_mapping=torch.tensor(slots, device=dev),
+            logits_indices=torch.tensor(logits_idx, device=dev, dtype=torch.long),
+            prefills=prefills,
+            lora=LoRABatchInfo(segments) if segments else None,
+        )
+        if decode_idx:
+            width = max(len(c) for c in decode_ctx)
+            padded = torch.zeros(len(decode_ctx), width, dtype=torch.long)
+            mask = torch.zeros(len(decode_ctx), width, dtype=torch.bool)
+            for r, c in enumerate(decode_ctx):
+                padded[r, : len(c)] = torch.tensor(c)
+                mask[r, : len(c)] = True
+            batch.decode_token_indices = torch.tensor(decode_idx, device=dev)
+            batch.decode_slots = padded.to(dev)
+            batch.decode_mask = mask[:, None, None, :].to(dev)
+        return batch, samplers
+
+    def run(self, sched: ScheduledBatch) -> dict[int, tuple[int, TokenLogprob | None]]:
+        """Run one step; return {index into sched.seqs: (sampled token id, its logprob info)}."""
+        batch, samplers = self.prepare(sched)
+        logits = self.model.forward(batch, self.k_cache, self.v_cache, self.lora_slots)
+        if not samplers:
+            return {}
+        seqs = [sched.seqs[j] for j in samplers]
+        ids, logprobs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        return {j: (ids[r], logprobs[r]) for r, j in enumerate(samplers)}

@@ -1,0 +1,71 @@
+"""The weights of one resident adapter laid out for the engine's fused projections.
+
+The engine fuses q/k/v into one GEMM and gate/up into another, so an adapter's LoRA for a layer is grouped the
+same way: one input shared by the group, the A matrices of its targeted parts stacked (one shrink GEMM for the
+group), and per part a B matrix pre-multiplied by the PEFT scale (one expand GEMM per part, into its output
+columns). Ranks differ freely between adapters, layers and parts: nothing is padded to a maximum rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shared.adapters import LoRAAdapter
+
+# fused projection -> its parts, in the order their outputs are stacked in the fused base weight
+PROJECTION_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
+
+@dataclass
+class LoRAPart:
+    out_start: int  # first output column of this part in the fused projection
+    out_end: int
+    rank_start: int  # this part's rows in the group's stacked A
+    rank_end: int
+    b_scaled: torch.Tensor  # [out_end - out_start, rank]: B times the PEFT scale
+
+
+@dataclass
+class LoRAGroupWeights:
+    a: torch.Tensor  # [sum of the parts' ranks, in_features]: the parts' A matrices stacked
+    parts: list[LoRAPart]
+
+
+# per layer: fused projection name -> its LoRA weights (absent when the adapter does not target that group)
+SlotWeights = list[dict[str, LoRAGroupWeights]]
+
+
+def build_slot_weights(
+    adapter: LoRAAdapter,
+    num_layers: int,
+    part_widths: dict[str, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> SlotWeights:
+    """Lay `adapter` out for the fused projections; `part_widths` gives each target's output width."""
+    by_key = {(m.layer, m.module): m for m in adapter.modules}
+    layers: SlotWeights = []
+    for layer in range(num_layers):
+        groups: dict[str, LoRAGroupWeights] = {}
+        for group, names in PROJECTION_GROUPS.items():
+            a_list, parts, out_start, rank_start = [], [], 0, 0
+            for name in names:
+                width = part_widths[name]
+                module = by_key.get((layer, name))
+                if module is not None:
+                    a_list.append(module.lora_a)
+                    b = (module.lora_b * module.scale).to(device=device, dtype=dtype).contiguous()
+                    parts.append(LoRAPart(out_start, out_start + width, rank_start, rank_start + module.rank, b))
+                    rank_start += module.rank
+                out_start += width
+            if parts:
+                a = torch.cat(a_list).to(device=device, dtype=dtype).contiguous()
+                groups[group] = LoRAGroupWeights(a=a, parts=parts)
+        layers.append(groups)
+    return layers

@@ -1,0 +1,118 @@
+"""The Llama-family decoder over one flattened token batch with a paged KV cache.
+
+Every linear layer runs once over all T tokens of the step (q/k/v fused, gate/up fused), followed by one call of
+the LoRA backend over the adapters' token ranges. Attention is per sequence group: single-token decodes are
+batched over a padded gather of their cached context; prefill chunks attend to their cached context plus themselves.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from services.gpu_worker.engine.forward_batch import ForwardBatch
+from services.gpu_worker.lora.slot_weights import SlotWeights
+from services.gpu_worker.lora.torch_backend import apply_lora
+from services.gpu_worker.model.rope import apply_rope, rope_tables
+from services.gpu_worker.model.weights import ModelWeights, load_weights
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers' LlamaRMSNorm: normalise in float32, scale in the input dtype.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class LlamaModel:
+    """Weights plus the forward pass; holds no per-request state (that is in ForwardBatch and the KV cache)."""
+
+    def __init__(self, model_dir, config, dtype: torch.dtype, device: torch.device, max_positions: int) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.q_width = self.num_heads * self.head_dim
+        self.kv_width = self.num_kv_heads * self.head_dim
+        self.intermediate = config.intermediate_size
+        self.eps = config.rms_norm_eps
+        self.scale = self.head_dim**-0.5
+        self.weights: ModelWeights = load_weights(model_dir, config, dtype, device)
+        self.cos, self.sin = rope_tables(config, max_positions, device)
+
+    def lora_part_widths(self) -> dict[str, int]:
+        """Output width of each LoRA target inside its fused projection."""
+        h = self.config.hidden_size
+        return {
+            "q_proj": self.q_width, "k_proj": self.kv_width, "v_proj": self.kv_width, "o_proj": h,
+            "gate_proj": self.intermediate, "up_proj": self.intermediate, "down_proj": h,
+        }
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,  # [layers, slots, kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        lora_slots: list[SlotWeights | None],
+    ) -> torch.Tensor:
+        """Logits ([S, vocab], float32) at `batch.logits_indices`."""
+        w = self.weights
+        lora = batch.lora
+        cos = self.cos[batch.positions].to(self.dtype)
+        sin = self.sin[batch.positions].to(self.dtype)
+        h = w.embed[batch.input_ids]  # [T, hidden]
+        for i, lw in enumerate(w.layers):
+            x = rms_norm(h, lw.input_norm, self.eps)
+            qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # [T, q + 2 kv]
+            if lora is not None:
+                apply_lora(qkv, x, lora_slots, i, "qkv", lora)
+            q, k, v = qkv.split([self.q_width, self.kv_width, self.kv_width], dim=-1)
+            q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
+            k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+            v = v.view(-1, self.num_kv_heads, self.head_dim)
+            k_cache[i, batch.slot_mapping] = k
+            v_cache[i, batch.slot_mapping] = v
+            attn = self._attention(q, k, v, k_cache[i], v_cache[i], batch)  # [T, q_width]
+            o = F.linear(attn, lw.o)
+            if lora is not None:
+                apply_lora(o, attn, lora_slots, i, "o", lora)
+            h = h + o
+            x = rms_norm(h, lw.post_norm, self.eps)
+            gate_up = F.linear(x, lw.gate_up)
+            if lora is not None:
+                apply_lora(gate_up, x, lora_slots, i, "gate_up", lora)
+            gate, up = gate_up.split([self.intermediate, self.intermediate], dim=-1)
+            act = F.silu(gate) * up
+            down = F.linear(act, lw.down)
+            if lora is not None:
+                apply_lora(down, act, lora_slots, i, "down", lora)
+            h = h + down
+        last = rms_norm(h[batch.logits_indices], w.norm, self.eps)
+        return F.linear(last, w.lm_head).float()
+
+    def _attention(self, q, k, v, k_layer, v_layer, batch: ForwardBatch) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, KVH, D] (this step's); k_layer, v_layer: [slots, KVH, D] (the cache, already written)
+        out = torch.empty_like(q)
+        for p in batch.prefills:
+            qs = q[p.start : p.start + p.length].transpose(0, 1)  # [H, n, D]
+            if p.slots is None:  # no cached context: plain causal attention over the chunk itself
+                ks = k[p.start : p.start + p.length].transpose(0, 1)
+                vs = v[p.start : p.start + p.length].transpose(0, 1)
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
+            else:  # chunk after cached context: query j sees keys 0 .. context + j
+                ks = k_layer[p.slots].transpose(0, 1)  # [KVH, ctx + n, D]
+                vs = v_layer[p.slots].transpose(0, 1)
+                mask = torch.ones(p.length, p.context + p.length, dtype=torch.bool, device=q.device).tril(p.context)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            out[p.start : p.start + p.length] = o.transpose(0, 1)
+        if batch.decode_token_indices is not None:
+            idx = batch.decode_token_indices
+            qd = q[idx].unsqueeze(2)  # [B, H, 1, D]
+            kd = k_layer[batch.decode_slots].transpose(1, 2)  # [B, KVH, L, D]
+            vd = v_layer[batch.decode_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=self.scale, enable_gqa=True)
+            out[idx] = o.squeeze(2)
+        return out.view(q.shape[0], -1)
