@@ -29,7 +29,7 @@ bench: venv
 	$(PY) bench/engine_cpu.py
 
 demo-adapters: venv
-	$(PY) -m services.gpu_worker.demo_adapters.train
+	$(PY) -m shared.demo_adapters.train
 
 clean:
 	rm -rf $(VENV) .pytest_cache

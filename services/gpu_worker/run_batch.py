@@ -68,7 +68,6 @@ class _Pending:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    error: str | None = None
 
 
 def _record(custom_id: Any, response: dict | None = None, error: dict | None = None) -> dict[str, Any]:
@@ -145,12 +144,11 @@ def _collect(engine, pending: _Pending, out: RequestOutput) -> None:
     if out.finished:
         pending.finished = True
         pending.finish_reason = out.finish_reason
-        pending.error = out.error
 
 
 def _result_record(p: _Pending) -> dict[str, Any]:
-    if p.error is not None or not p.finished or p.finish_reason == FinishReason.ABORT:
-        message = p.error or ("the request was aborted" if p.finished else "the engine dropped the request")
+    if not p.finished or p.finish_reason == FinishReason.ABORT:
+        message = "the request was aborted" if p.finished else "the engine dropped the request"
         return _api_error_record(p.custom_id, p.request_id, OpenAIError(message))
     build = chat_completion_response if p.parsed.kind == "chat" else completion_response
     body = build(

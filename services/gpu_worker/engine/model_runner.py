@@ -31,12 +31,24 @@ class ModelRunner:
         bs, table = self.block_size, seq.block_table
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
+    def _context_slots(self, tables: list[list[int]], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cache slots of each context, padded to the longest ([B, L]), and the mask of real ones ([B, L])."""
+        bs = self.block_size
+        width = max(len(t) for t in tables)
+        padded = torch.zeros(len(tables), width, dtype=torch.long)
+        for r, t in enumerate(tables):
+            padded[r, : len(t)] = torch.tensor(t, dtype=torch.long)
+        slots = (padded[:, :, None] * bs + torch.arange(bs)).view(len(tables), -1)
+        longest = max(lengths)
+        mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+        return slots[:, :longest], mask
+
     def prepare(self, sched: ScheduledBatch) -> tuple[ForwardBatch, list[int]]:
         """Build the step's ForwardBatch; also return the indices (into sched.seqs) of the sequences that sample."""
         order = sorted(range(len(sched.seqs)), key=lambda j: -1 if sched.seqs[j].adapter_slot is None else sched.seqs[j].adapter_slot)
         ids, positions, slots, logits_idx, samplers = [], [], [], [], []
         prefills: list[PrefillSeqInfo] = []
-        decode_idx, decode_ctx = [], []
+        decode_idx, decode_tables, decode_lens = [], [], []
         segments: list[tuple[int, int, int]] = []
         for j in order:
             seq, n = sched.seqs[j], sched.num_tokens[j]
@@ -46,9 +58,12 @@ class ModelRunner:
             slots.extend(self._slots(seq, ctx, ctx + n))
             if n == 1 and ctx > 0:
                 decode_idx.append(start)
-                decode_ctx.append(self._slots(seq, 0, ctx + 1))
+                decode_tables.append(seq.block_table)
+                decode_lens.append(ctx + 1)
             else:
-                ctx_slots = torch.tensor(self._slots(seq, 0, ctx + n), device=self.device) if ctx else None
+                ctx_slots = None
+                if ctx:
+                    ctx_slots = self._context_slots([seq.block_table], [ctx + n])[0][0].to(self.device)
                 prefills.append(PrefillSeqInfo(start, n, ctx, ctx_slots))
             if ctx + n == seq.num_tokens:
                 logits_idx.append(start + n - 1)
@@ -68,14 +83,9 @@ class ModelRunner:
             lora=LoRABatchInfo(segments) if segments else None,
         )
         if decode_idx:
-            width = max(len(c) for c in decode_ctx)
-            padded = torch.zeros(len(decode_ctx), width, dtype=torch.long)
-            mask = torch.zeros(len(decode_ctx), width, dtype=torch.bool)
-            for r, c in enumerate(decode_ctx):
-                padded[r, : len(c)] = torch.tensor(c)
-                mask[r, : len(c)] = True
+            slots_, mask = self._context_slots(decode_tables, decode_lens)
             batch.decode_token_indices = torch.tensor(decode_idx, device=dev)
-            batch.decode_slots = padded.to(dev)
+            batch.decode_slots = slots_.to(dev)
             batch.decode_mask = mask[:, None, None, :].to(dev)
         return batch, samplers
 

@@ -88,7 +88,6 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None  # one per new token, when SamplingParams.logprobs
     prompt_tokens: int = 0
     completion_tokens: int = 0  # generated so far, in total
-    error: str | None = None  # set when the engine had to fail the request (e.g. prompt too long)
 
 
 class Sequence:
