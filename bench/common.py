@@ -56,7 +56,8 @@ def _memory_gib() -> dict[str, float] | None:
                 key, _, value = line.partition(":")
                 if key in ("MemTotal", "MemAvailable"):
                     info[key] = int(value.split()[0]) * 1024 / 2**30
-        return {"total": round(info["MemTotal"], 2), "available": round(info.get("MemAvailable", math.nan), 2)}
+        available = info.get("MemAvailable")
+        return {"total": round(info["MemTotal"], 2), "available": None if available is None else round(available, 2)}
     except (OSError, KeyError, ValueError):
         try:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -139,17 +140,17 @@ def write_result(name: str, data: dict[str, Any], path: str | os.PathLike | None
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0-100) with linear interpolation between closest ranks (numpy's default)."""
     if not values:
-        return math.nan
+        raise ValueError("percentile of no values")
     xs = sorted(values)
     pos = (len(xs) - 1) * q / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def summarize(values: list[float]) -> dict[str, float]:
-    """mean, p50, p90, p99, min, max of `values`."""
+def summarize(values: list[float]) -> dict[str, float | None]:
+    """mean, p50, p90, p99, min, max of `values` (all None when there are none: JSON has no NaN)."""
     if not values:
-        return {k: math.nan for k in ("mean", "p50", "p90", "p99", "min", "max")}
+        return {k: None for k in ("mean", "p50", "p90", "p99", "min", "max")}
     return {
         "mean": sum(values) / len(values),
         "p50": percentile(values, 50),

@@ -110,6 +110,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         if target.exists():
             shutil.rmtree(target)
         os.rename(tmp, target)
+        os.chmod(target, 0o755)  # mkdtemp made it private; the cache is shared by the services
         os.makedirs(tmp, exist_ok=True)  # TemporaryDirectory cleanup expects it
     steps.close()
     return target

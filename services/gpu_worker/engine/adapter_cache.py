@@ -1,8 +1,10 @@
 """Adapters known to the engine (host tier) and the resident slots the model computes with (device tier).
 
 A slot holds one adapter laid out for the fused projections. Slots are LRU and reference-counted by the running
-sequences that use them: an adapter in use is never evicted. Unregistering an adapter in use refuses new requests
-for it at once and frees its slot when the last one finishes.
+sequences that use them (`acquire`/`release`): an adapter in use is never evicted. Requests are counted too, from
+admission to finish (`pin`/`unpin`), so that a request accepted for an adapter runs to its end on the weights it
+was accepted with. Unregistering an adapter refuses new requests for it at once; while accepted requests still need
+it, it is retired (re-registering it is refused), and its slot is freed when the last of them finishes.
 """
 from __future__ import annotations
 
@@ -20,39 +22,62 @@ class AdapterCache:
         self.registered: dict[str, LoRAAdapter] = {}
         self.slots: list[SlotWeights | None] = [None] * num_slots
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapter -> slot, least recent first
-        self._refs: dict[str, int] = {}  # adapter -> running sequences using it
-        self._retired: set[str] = set()  # unregistered while in use: freed when the last user releases it
+        self._refs: dict[str, int] = {}  # adapter -> running sequences holding its slot
+        self._pins: dict[str, int] = {}  # adapter -> unfinished requests (waiting or running) that will use it
+        self._retired: dict[str, LoRAAdapter] = {}  # unregistered while requests need it: dropped after the last
         self.loads = 0  # slot fills, for tests and stats
 
     def register(self, adapter: LoRAAdapter) -> None:
-        if adapter.name in self._retired:
-            raise ValueError(f"adapter {adapter.name!r} is being removed; retry when its requests have finished")
-        self.evict_if_idle(adapter.name)  # re-registration replaces the weights
-        self.registered[adapter.name] = adapter
+        """Add `adapter`, or replace the weights of an idle one of the same name."""
+        name = adapter.name
+        if name in self._retired:
+            raise ValueError(f"adapter {name!r} is being removed; retry when its requests have finished")
+        if self._pins.get(name) or self._refs.get(name):
+            # replacing weights under a running request would mix two adapters in one generation
+            raise ValueError(f"adapter {name!r} is in use; retry when its requests have finished")
+        self.evict_if_idle(name)  # re-registration replaces the weights
+        self.registered[name] = adapter
 
     def unregister(self, name: str) -> None:
         if name not in self.registered:
             raise KeyError(name)
-        del self.registered[name]
-        if self._refs.get(name):
-            self._retired.add(name)
+        adapter = self.registered.pop(name)
+        if self._pins.get(name) or self._refs.get(name):
+            self._retired[name] = adapter
         else:
             self.evict_if_idle(name)
 
     def is_available(self, name: str) -> bool:
+        """Whether new requests may use `name`."""
         return name in self.registered
+
+    def pin(self, name: str) -> None:
+        """A request for `name` was accepted; KeyError if `name` is not registered (or is being removed)."""
+        if name not in self.registered:
+            raise KeyError(name)
+        self._pins[name] = self._pins.get(name, 0) + 1
+
+    def unpin(self, name: str) -> None:
+        """A request pinned with `pin` finished (or was aborted)."""
+        self._pins[name] -= 1
+        if self._pins[name] == 0:
+            del self._pins[name]
+            self._drop_if_retired(name)
 
     def acquire(self, name: str) -> int | None:
         """The slot holding `name`, loading it (evicting the least recently used idle adapter) if needed.
 
-        None when every slot is held by adapters in use; the caller retries later.
+        None when every slot is held by adapters in use; the caller retries later. KeyError when `name` is not
+        registered, unless it was retired while pinned requests still need it.
         """
+        if name not in self.registered and not (name in self._retired and self._pins.get(name)):
+            raise KeyError(name)
         slot = self._slot_of.get(name)
         if slot is None:
             slot = self._free_slot()
             if slot is None:
                 return None
-            self.slots[slot] = self._build(self.registered[name])
+            self.slots[slot] = self._build(self.registered.get(name) or self._retired[name])
             self._slot_of[name] = slot
             self.loads += 1
         self._slot_of.move_to_end(name)
@@ -63,9 +88,12 @@ class AdapterCache:
         self._refs[name] -= 1
         if self._refs[name] == 0:
             del self._refs[name]
-            if name in self._retired:
-                self._retired.discard(name)
-                self.evict_if_idle(name)
+            self._drop_if_retired(name)
+
+    def _drop_if_retired(self, name: str) -> None:
+        if name in self._retired and not self._refs.get(name) and not self._pins.get(name):
+            del self._retired[name]
+            self.evict_if_idle(name)
 
     def evict_if_idle(self, name: str) -> None:
         if self._refs.get(name):
@@ -80,12 +108,20 @@ class AdapterCache:
                 return slot
         for name in list(self._slot_of):  # least recently used first
             if not self._refs.get(name):
-                return self._slot_of.pop(name)
+                slot = self._slot_of.pop(name)
+                self.slots[slot] = None  # empty, so the slot stays reusable if the caller's build fails
+                return slot
         return None
 
     @property
     def in_use(self) -> dict[str, int]:
+        """Adapter -> running sequences holding its slot."""
         return dict(self._refs)
+
+    @property
+    def pinned(self) -> dict[str, int]:
+        """Adapter -> unfinished requests that will use it."""
+        return dict(self._pins)
 
     @property
     def resident(self) -> list[str]:

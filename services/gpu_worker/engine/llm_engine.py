@@ -66,6 +66,8 @@ class LLMEngine:
         token_bytes = 2 * c.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
         num_blocks = config.num_kv_blocks or max(1, int(config.kv_cache_memory_gb * 2**30) // (token_bytes * config.block_size))
         limit = config.max_model_len or c.max_position_embeddings
+        if getattr(c, "sliding_window", None) and c.model_type == "mistral":
+            limit = min(limit, c.sliding_window)  # attention here is full-context: identical only within the window
         self.max_model_len = min(limit, num_blocks * config.block_size)
 
         self.model = LlamaModel(resolved.path, c, dtype, device, max_positions=self.max_model_len)

@@ -21,11 +21,28 @@ def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = sorted_probs.cumsum(-1)
-        drop = cumulative - sorted_probs > params.top_p  # keep the smallest prefix reaching top_p
+        before = torch.cat([cumulative.new_zeros(1), cumulative[:-1]])  # mass of the more likely tokens
+        drop = before >= params.top_p  # keep the smallest prefix reaching top_p (as HF's TopPLogitsWarper)
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum()
     return probs
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    # probs: [V] (need not sum to 1), u: [1] uniform in [0, 1) -> [1] token id; never a zero-probability token
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=probs.shape[-1] - 1)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    # probs: [V] -> [1] token id
+    if generator is None or generator.device == probs.device:
+        return torch.multinomial(probs, 1, generator=generator)
+    # a seeded request's generator lives on the CPU (Sequence): torch.multinomial refuses it for CUDA probs, so draw
+    # the uniform on the CPU (no host sync) and pick on the device
+    u = torch.rand(1, generator=generator).to(probs.device, non_blocking=True)
+    return _inverse_cdf(probs, u)
 
 
 def sample(
@@ -39,7 +56,7 @@ def sample(
     for row, p in enumerate(params):
         if not p.greedy:
             probs = _filtered_probs(logits[row], p)
-            chosen[row] = torch.multinomial(probs, 1, generator=generators[row]).squeeze(0)
+            chosen[row] = _draw(probs, generators[row]).squeeze(0)
     ids = chosen.tolist()
     logprob_rows = [row for row, p in enumerate(params) if p.logprobs]
     out: list[TokenLogprob | None] = [None] * len(params)

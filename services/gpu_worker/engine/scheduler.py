@@ -42,6 +42,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
 
     def add(self, seq: Sequence) -> None:
+        if seq.adapter is not None:
+            self.adapters.pin(seq.adapter)  # keeps the adapter's weights until seq finishes, even if unloaded
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -106,13 +108,17 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Free everything `seq` holds; it may be running or waiting."""
+        """Free everything `seq` holds; it may be running or waiting. A second call does nothing."""
+        if seq.status == SequenceStatus.FINISHED:
+            return
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq.block_table)
         self._release_adapter(seq)
+        if seq.adapter is not None:
+            self.adapters.unpin(seq.adapter)
         seq.status = SequenceStatus.FINISHED
 
     def _release_adapter(self, seq: Sequence) -> None:

@@ -76,7 +76,7 @@ class LlamaModel:
             k_cache[i, batch.slot_mapping] = k
             v_cache[i, batch.slot_mapping] = v
             attn = self._attention(q, k, v, k_cache[i], v_cache[i], batch)  # [T, q_width]
-            o = F.linear(attn, lw.o)
+            o = F.linear(attn, lw.o, lw.o_bias)
             if lora is not None:
                 apply_lora(o, attn, lora_slots, i, "o", lora)
             h = h + o

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from services.gpu_worker.model.weights import SUPPORTED_ROPE_TYPES, UnsupportedModelError
+
 
 def rope_tables(config, max_positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each [max_positions, head_dim], float32 (HF's `rotate_half` layout)."""
@@ -15,8 +17,10 @@ def rope_tables(config, max_positions: int, device: torch.device) -> tuple[torch
         base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         scaling = 1.0
-    elif rope_type in ("dynamic",):
-        raise ValueError("dynamic RoPE scaling is not supported (its tables change with the sequence length)")
+    elif rope_type not in SUPPORTED_ROPE_TYPES:  # check_supported refuses these first; kept for direct callers
+        raise UnsupportedModelError(
+            f"rope_type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
     else:
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device=torch.device("cpu"))
     positions = torch.arange(max_positions, dtype=torch.float)
