@@ -225,12 +225,12 @@ def test_sequence_seed_gives_a_generator_and_none_gives_none():
         ({"max_tokens": 0}, "max_tokens must be an integer >= 1, got 0"),
         ({"max_tokens": -3}, "max_tokens must be an integer >= 1, got -3"),
         ({"max_tokens": 2.5}, "max_tokens must be an integer >= 1, got 2.5"),
-        ({"temperature": -0.1}, "temperature must be between 0 and 2, got -0.1"),
-        ({"temperature": 2.5}, "temperature must be between 0 and 2, got 2.5"),
-        ({"temperature": float("nan")}, "temperature must be between 0 and 2"),
-        ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
-        ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
-        ({"top_p": float("nan")}, r"top_p must be in \(0, 1\]"),
+        ({"temperature": -0.1}, "temperature must be a number between 0 and 2, got -0.1"),
+        ({"temperature": 2.5}, "temperature must be a number between 0 and 2, got 2.5"),
+        ({"temperature": float("nan")}, "temperature must be a number between 0 and 2"),
+        ({"top_p": 0.0}, r"top_p must be a number in \(0, 1\], got 0.0"),
+        ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\], got 1.5"),
+        ({"top_p": float("nan")}, r"top_p must be a number in \(0, 1\]"),
         ({"top_k": -2}, "top_k must be -1 \\(off\\) or a positive integer, got -2"),
         ({"top_k": 1.5}, "top_k must be -1 \\(off\\) or a positive integer, got 1.5"),
         ({"seed": 1.5}, "seed must be an integer, got 1.5"),
@@ -239,8 +239,13 @@ def test_sequence_seed_gives_a_generator_and_none_gives_none():
         ({"stop": ""}, "stop must be a non-empty string"),
         ({"stop": ["a", 3]}, "stop must be a non-empty string"),
         ({"stop": [f"s{i}" for i in range(17)]}, "at most 16"),
-        ({"top_logprobs": 21}, "top_logprobs must be between 0 and 20, got 21"),
-        ({"top_logprobs": -1}, "top_logprobs must be between 0 and 20, got -1"),
+        ({"top_logprobs": 21}, "top_logprobs must be an integer between 0 and 20, got 21"),
+        ({"top_logprobs": -1}, "top_logprobs must be an integer between 0 and 20, got -1"),
+        ({"top_logprobs": 2.5}, "top_logprobs must be an integer between 0 and 20, got 2.5"),
+        ({"temperature": "1"}, "temperature must be a number between 0 and 2, got '1'"),
+        ({"top_p": "0.5"}, r"top_p must be a number in \(0, 1\], got '0.5'"),
+        ({"max_tokens": True}, "max_tokens must be an integer >= 1, got True"),
+        ({"stop_token_ids": [1, "2"]}, "stop_token_ids must be a list of integers"),
     ],
 )
 def test_sampling_params_validation_messages(kwargs, message):
@@ -256,3 +261,13 @@ def test_sampling_params_valid_edges_and_normalisation():
     assert SamplingParams(temperature=2.0, top_p=1e-6).temperature == 2.0
     assert not SamplingParams(temperature=0.01).greedy
     assert len(SamplingParams(stop=[f"s{i}" for i in range(16)]).stop) == 16
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-40, 1e-45])
+def test_tiny_temperature_is_greedy_not_nan(temperature):
+    """Regression: logits / 1e-40 overflow to inf, and the NaN probabilities failed the whole step."""
+    logits = random_logits(3)
+    params = [SamplingParams(temperature=temperature, top_p=0.9, logprobs=True)] * 3
+    ids, lps = sample(logits, params, [gen(0), None, gen(1)])
+    assert ids == logits.argmax(-1).tolist()
+    assert all(math.isfinite(lp.logprob) for lp in lps)

@@ -10,6 +10,10 @@ import torch
 
 from services.gpu_worker.engine.sequence import SamplingParams, TokenLogprob
 
+# Below this temperature sampling is greedy (as vLLM's _SAMPLING_EPS): dividing by a tinier one overflows the
+# logits to inf and the softmax to NaN, which would fail the whole step.
+_MIN_TEMPERATURE = 1e-5
+
 
 def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     # logits: [V] float32 -> probabilities after temperature, top-k and top-p
@@ -54,7 +58,7 @@ def sample(
     greedy = torch.argmax(logits, dim=-1)
     chosen = greedy.clone()
     for row, p in enumerate(params):
-        if not p.greedy:
+        if p.temperature >= _MIN_TEMPERATURE:
             probs = _filtered_probs(logits[row], p)
             chosen[row] = _draw(probs, generators[row]).squeeze(0)
     ids = chosen.tolist()

@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 import torch
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # NaN != NaN
+
+
 class SamplingParamsError(ValueError):
     """A sampling parameter is out of range; the message is one line for the client."""
 
@@ -27,24 +35,28 @@ class SamplingParams:
     top_logprobs: int = 0  # also return this many most likely alternatives per token (0-20)
 
     def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = []
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise SamplingParamsError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not 0.0 <= float(self.temperature) <= 2.0:
-            raise SamplingParamsError(f"temperature must be between 0 and 2, got {self.temperature!r}")
-        if not 0.0 < float(self.top_p) <= 1.0:
-            raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 2.0:
+            raise SamplingParamsError(f"temperature must be a number between 0 and 2, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise SamplingParamsError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
             raise SamplingParamsError(f"top_k must be -1 (off) or a positive integer, got {self.top_k!r}")
         if self.top_k == 0:
             self.top_k = -1
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not _is_int(self.seed):
             raise SamplingParamsError(f"seed must be an integer, got {self.seed!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop) or len(self.stop) > 16:
+        if not isinstance(self.stop, list) or len(self.stop) > 16 or any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingParamsError("stop must be a non-empty string or a list of at most 16 non-empty strings")
-        if not 0 <= int(self.top_logprobs) <= 20:
-            raise SamplingParamsError(f"top_logprobs must be between 0 and 20, got {self.top_logprobs!r}")
+        if not isinstance(self.stop_token_ids, list) or not all(_is_int(t) for t in self.stop_token_ids):
+            raise SamplingParamsError("stop_token_ids must be a list of integers")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= 20:
+            raise SamplingParamsError(f"top_logprobs must be an integer between 0 and 20, got {self.top_logprobs!r}")
         if self.top_logprobs:
             self.logprobs = True
 
