@@ -21,6 +21,7 @@ class PrefillSeqInfo:
     length: int  # tokens fed this step
     context: int  # tokens already in the KV cache before this step
     slots: torch.Tensor | None  # [context + length] cache slots of the whole context; None when context == 0
+    mask: torch.Tensor | None  # [length, context + length] bool: query j sees keys 0 .. context + j; None likewise
 
 
 @dataclass

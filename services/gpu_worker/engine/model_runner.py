@@ -61,10 +61,11 @@ class ModelRunner:
                 decode_tables.append(seq.block_table)
                 decode_lens.append(ctx + 1)
             else:
-                ctx_slots = None
+                ctx_slots = mask = None
                 if ctx:
                     ctx_slots = self._context_slots([seq.block_table], [ctx + n])[0][0].to(self.device)
-                prefills.append(PrefillSeqInfo(start, n, ctx, ctx_slots))
+                    mask = torch.ones(n, ctx + n, dtype=torch.bool, device=self.device).tril(ctx)
+                prefills.append(PrefillSeqInfo(start, n, ctx, ctx_slots, mask))
             if ctx + n == seq.num_tokens:
                 logits_idx.append(start + n - 1)
                 samplers.append(j)

@@ -105,8 +105,7 @@ class LlamaModel:
             else:  # chunk after cached context: query j sees keys 0 .. context + j
                 ks = k_layer[p.slots].transpose(0, 1)  # [KVH, ctx + n, D]
                 vs = v_layer[p.slots].transpose(0, 1)
-                mask = torch.ones(p.length, p.context + p.length, dtype=torch.bool, device=q.device).tril(p.context)
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, scale=self.scale, enable_gqa=True)
             out[p.start : p.start + p.length] = o.transpose(0, 1)
         if batch.decode_token_indices is not None:
             idx = batch.decode_token_indices
