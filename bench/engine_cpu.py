@@ -36,6 +36,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -482,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     from shared.model_provisioning import resolve_model
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes from transformers via peft
     if args.threads:
         torch.set_num_threads(args.threads)
     started = timestamp()
