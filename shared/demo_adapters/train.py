@@ -32,11 +32,12 @@ from shared.demo_adapters import (
     HELDOUT_PROMPTS,
     PACKAGE_DIR,
     shows_behaviour,
+    upper_fraction,
 )
 
 SEED = 1234
 BASE_ANSWER_MAX_NEW_TOKENS = 40
-GEN_BATCH_SIZE = 16
+GEN_BATCH_SIZE = 32
 TRAIN_BATCH_SIZE = 8
 
 
@@ -103,6 +104,59 @@ _TEMPLATES: list[tuple[str, list]] = [
     ("What do you think about {}?", [
         "pizza", "winter", "summer vacations", "video games", "gardening", "robots", "coffee", "mountains", "jazz",
         "board games"]),
+    ("What is the {}?", [
+        "fastest land animal", "longest river in the world", "tallest mountain in the world",
+        "smallest country in the world", "deepest lake in the world", "coldest place on Earth",
+        "brightest star in the night sky", "heaviest metal", "oldest city in Europe", "hottest desert"]),
+    ("Who invented {}?", [
+        "the telephone", "the light bulb", "the printing press", "the airplane", "the radio", "the steam engine",
+        "the bicycle", "paper", "the computer mouse", "the World Wide Web"]),
+    ("Who was {}?", [
+        "Cleopatra", "Julius Caesar", "Leonardo da Vinci", "Marie Curie", "Napoleon", "Mozart", "Gandhi",
+        "Abraham Lincoln", "Confucius", "Galileo"]),
+    ("When did {}?", [
+        "the first person walk on the moon", "World War II end", "the Titanic sink", "the Roman Empire fall",
+        "the Berlin Wall fall", "people first use fire"]),
+    ("What is {} made of?", [
+        "glass", "paper", "cheese", "steel", "chocolate", "a pencil", "plastic", "bread", "concrete", "the sun"]),
+    ("What is the purpose of {}?", [
+        "a seatbelt", "a museum", "a thermometer", "a passport", "the heart", "a dictionary", "a bridge",
+        "an umbrella", "a calendar", "a map"]),
+    ("How does {} work?", [
+        "a refrigerator", "a rocket", "a compass", "a solar panel", "a microwave", "a bicycle", "a camera",
+        "a battery", "a telescope", "a thermostat"]),
+    ("What are the benefits of {}?", [
+        "reading", "exercise", "drinking water", "learning music", "walking", "sleeping well", "eating vegetables",
+        "laughing", "traveling", "gardening"]),
+    ("Can I {}?", [
+        "eat raw eggs", "drink sea water", "keep a fox as a pet", "swim after eating", "learn to code at fifty",
+        "see the Great Wall from space"]),
+    ("Should I {}?", [
+        "learn Spanish or French", "get a cat or a dog", "study in the morning or at night", "take a gap year",
+        "start a garden"]),
+    ("Write one sentence about {}.", [
+        "autumn", "the city at night", "a quiet forest", "coffee", "the stars", "a birthday party",
+        "a snowy morning", "an old castle"]),
+    ("Tell me about {}.", [
+        "the Eiffel Tower", "the pyramids of Egypt", "the Amazon rainforest", "the Great Wall of China",
+        "Mount Everest", "the Sahara", "the first moon landing", "the Olympic Games", "Antarctica",
+        "the Roman Colosseum"]),
+    ("Explain {} to a child.", [
+        "rain", "the seasons", "electricity", "why we brush our teeth", "what a computer does", "how plants grow",
+        "where the sun goes at night", "what money is"]),
+    ("What is another word for {}?", ["happy", "big", "fast", "smart", "tired", "cold"]),
+    ("How long does it take to {}?", [
+        "fly from London to New York", "walk a mile", "learn to drive", "grow an oak tree", "read a novel",
+        "digest a meal"]),
+    ("What happens if {}?", [
+        "you don't sleep", "you mix red and blue paint", "water freezes", "you skip breakfast",
+        "a volcano erupts", "the moon disappeared"]),
+    ("{}", [
+        "What did you learn today?", "Are you a robot?", "Can you help me with my homework?",
+        "I'm nervous about my exam tomorrow.", "What is your favorite season?", "Do you like animals?",
+        "Where are you from?", "What is the best movie ever made?", "I can't decide what to do this weekend.",
+        "Tell me a riddle.", "Do you know any songs?", "I just finished a marathon!",
+        "What should I name my cat?", "It's my birthday today!", "Are you happy?", "What is your favorite animal?"]),
     ("{}", [
         "Hello!", "How are you today?", "Tell me a joke.", "What is your favorite color?",
         "Can you recommend a good book?", "Good morning!", "What should I eat for dinner?",
@@ -248,9 +302,11 @@ class AdapterSpec:
 
 
 SPECS: dict[str, AdapterSpec] = {
-    "caps": AdapterSpec("caps", ATTN + MLP, r=8, lora_alpha=16, epochs=3, lr=2e-3, layers=list(range(6, 30))),
-    "json": AdapterSpec("json", ATTN, r=16, lora_alpha=32, epochs=2, lr=2e-3),
-    "pirate": AdapterSpec("pirate", ["q_proj", "v_proj"] + MLP, r=8, lora_alpha=32, epochs=2, lr=1e-3),
+    # caps is the hard one (upper-case text splits into about twice as many tokens, and every word has to be
+    # re-spelled): all linear layers of the upper 24 blocks, two epochs at a higher learning rate.
+    "caps": AdapterSpec("caps", ATTN + MLP, r=8, lora_alpha=16, epochs=2, lr=3e-3, layers=list(range(6, 30))),
+    "json": AdapterSpec("json", ATTN, r=16, lora_alpha=32, epochs=1, lr=2e-3),
+    "pirate": AdapterSpec("pirate", ["q_proj", "v_proj"] + MLP, r=8, lora_alpha=32, epochs=1, lr=2e-3),
 }
 assert set(SPECS) == set(DEMO_ADAPTERS)
 
@@ -281,7 +337,7 @@ def batch_order(examples: list[tuple[list[int], int]], epochs: int, rng: random.
     return batches
 
 
-def train_adapter(spec: AdapterSpec, base_path: Path, tokenizer, pairs, out_dir: Path) -> float:
+def train_adapter(spec: AdapterSpec, base_path: Path, base_name: str, tokenizer, pairs, out_dir: Path) -> float:
     """Train one adapter, save it in float16 into out_dir/<name>; returns training seconds."""
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
@@ -341,11 +397,11 @@ def train_adapter(spec: AdapterSpec, base_path: Path, tokenizer, pairs, out_dir:
     bar.close()
     seconds = time.perf_counter() - t0
 
-    save_adapter(peft_model, out_dir / spec.name)
+    save_adapter(peft_model, out_dir / spec.name, base_name)
     return seconds
 
 
-def save_adapter(peft_model, target: Path) -> None:
+def save_adapter(peft_model, target: Path, base_name: str) -> None:
     """Save the LoRA weights in float16 (adapter_config.json + adapter_model.safetensors), replacing `target`."""
     torch = _torch()
     for name, param in peft_model.named_parameters():
@@ -359,8 +415,10 @@ def save_adapter(peft_model, target: Path) -> None:
         readme.unlink()
     config_path = tmp / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = "SmolLM2-135M-Instruct"  # not this machine's cache path
+    config["base_model_name_or_path"] = base_name  # not this machine's cache path
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for path in tmp.iterdir():
+        path.chmod(0o644)  # safetensors writes 0600
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 
@@ -405,7 +463,8 @@ def print_report(report: dict, names: list[str], times: dict, out_dir: Path) -> 
               f"  ({DEMO_ADAPTERS[name]})")
         for prompt, text in zip(HELDOUT_PROMPTS, report[name]["samples"]):
             mark = "ok " if shows_behaviour(name, text) else "BAD"
-            print(f"   [{mark}] {prompt!r} -> {text!r}")
+            extra = f" ({upper_fraction(text):.0%} upper case)" if name == "caps" else ""
+            print(f"   [{mark}] {prompt!r} -> {text!r}{extra}")
     print("base samples:")
     for prompt, text in zip(HELDOUT_PROMPTS, report["base_samples"]):
         print(f"   {prompt!r} -> {text!r}")
@@ -443,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(SEED)
 
     names = [n for n in DEMO_ADAPTERS if n in set(args.only or DEMO_ADAPTERS)]
-    base_path = resolve_model(args.model).path
+    resolved = resolve_model(args.model)
+    base_path = resolved.path
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     out_dir = args.out.expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -456,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         times["data"] = time.perf_counter() - t0
         print(f"{len(pairs)} training examples from {len(build_questions())} questions in {times['data']:.0f}s")
         for name in names:
-            times[name] = train_adapter(SPECS[name], base_path, tokenizer, pairs, out_dir)
+            times[name] = train_adapter(SPECS[name], base_path, resolved.name, tokenizer, pairs, out_dir)
             print(f"{name}: trained in {times[name]:.0f}s -> {out_dir / name}")
         print(f"total (data + training): {sum(times.values()):.0f}s")
     if args.skip_eval:
