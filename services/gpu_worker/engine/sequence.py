@@ -145,7 +145,3 @@ class Sequence:
     def in_prefill(self) -> bool:
         """True while some tokens other than the last sampled one still lack KV."""
         return self.num_computed < self.num_tokens - 1 or self.num_generated == 0
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
