@@ -3,7 +3,7 @@
 Every step has a token budget (`max_num_batched_tokens`). Running sequences go first, oldest first: a decode
 costs one token, an unfinished prefill takes a chunk of what is left of the budget. Then waiting sequences are
 admitted (FCFS; one whose adapter cannot get a slot yet is passed over) while budget, sequence slots and KV blocks
-last. When a running sequence needs a KV block and none is free, the most recently admitted running sequence is
+last. When a running sequence needs a KV block and none is free, the running sequence that arrived last is
 preempted: its blocks are freed, and it will recompute its prompt and generated tokens when admitted again.
 
 A sequence's work is uniform: it feeds `token_ids[num_computed:]`; when the fed tokens reach its end, a token is
@@ -58,7 +58,7 @@ class Scheduler:
             seq = running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
-                victim = running.pop()  # the most recently admitted
+                victim = running.pop()  # the latest arrival (fair FCFS)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
