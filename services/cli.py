@@ -26,7 +26,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="base model: a local Hugging Face directory or .gguf file "
                             "(default: the embedded SmolLM2-135M-Instruct)")
     group.add_argument("--served-model-name", metavar="NAME",
-                       help="the base model's name in requests' `model` field (default: derived from the model)")
+                       help="the base model's name in requests' `model` field (default: derived from the model) "
+                            "[CARASERVE_SERVED_MODEL_NAME in mesh commands]")
     group.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                        help="weight and activation dtype (default: auto = float32 on CPU, bfloat16 on CUDA)")
     group.add_argument("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -36,7 +37,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, metavar="N",
                        help="tokens per engine step, prefill chunks and decodes together (default: 512)")
     group.add_argument("--data-dir", metavar="DIR",
-                       help="cache for converted models (default: $CARASERVE_DATA_DIR or ~/.cache/caraserve)")
+                       help="cache for converted models, and the mesh's JetStream store "
+                            "(default: $CARASERVE_DATA_DIR or ~/.cache/caraserve)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +77,62 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=64, metavar="N", help="tokens per answer (default: 64)")
     add_engine_args(demo)
     demo.set_defaults(handler="services.gpu_worker.run_batch:demo_command")
+
+    _add_up(commands)
+    _add_serve(commands)
     return parser
+
+
+_SERVICES = {
+    # service: (help, handler, mesh settings it reads, takes engine options)
+    "gateway": ("the OpenAI-compatible HTTP API (aiohttp)", "services.gateway.service:serve_command",
+                ["host", "port", "api_key", "admin_key", "max_pending", "max_upload_mb", "request_timeout",
+                 "worker_timeout"], False),
+    "scheduler": ("places requests on GPU workers (replicas share the work)", "services.scheduler.service:serve_command",
+                  ["worker_timeout", "request_timeout"], False),
+    "gpu_worker": ("the engine: one per GPU, or one on the CPU", "services.gpu_worker.service:serve_command",
+                   ["worker_id", "heartbeat_interval", "request_timeout"], True),
+    "adapter_store": ("adapter registry and blobs in NATS JetStream", "services.adapter_store.service:serve_command",
+                      ["request_timeout"], True),
+}
+_COMMON_MESH = ["nats_url", "trace_exporter", "log_level"]
+
+
+def _add_up(commands) -> None:
+    from shared.mesh_config import add_mesh_args
+
+    up = commands.add_parser(
+        "up",
+        help="start the whole mesh on this machine (embedded NATS, all services)",
+        description="Start an embedded NATS server with JetStream (loopback only, credentials generated for this "
+                    "start), then adapter_store, scheduler, one gpu_worker (GPU if there is one, else CPU) and the "
+                    "gateway. Prints the URL and the API key, registers the demo adapters on first start, and "
+                    "stops everything cleanly on Ctrl-C or SIGTERM.",
+    )
+    add_mesh_args(up, ["host", "port", "nats_port", "api_key", "admin_key", "max_pending", "max_upload_mb", "heartbeat_interval", "worker_timeout", "trace_exporter",
+                       "log_level"])
+    up.add_argument("--workers", type=int, default=1, metavar="N", help="gpu_worker processes to start (default: 1)")
+    up.add_argument("--no-demo-adapters", action="store_true", help="do not register the shipped demo adapters")
+    add_engine_args(up)
+    up.set_defaults(handler="services.up:up_command")
+
+
+def _add_serve(commands) -> None:
+    from shared.mesh_config import add_mesh_args
+
+    serve = commands.add_parser(
+        "serve",
+        help="run one service against an existing NATS server",
+        description="Run one mesh service as this process, connected to the NATS server at --nats-url "
+                    "(what compose.yaml and multi-node deployments use). Several gpu_workers may join one mesh.",
+    )
+    services = serve.add_subparsers(dest="service", title="services", metavar="SERVICE", required=True)
+    for name, (help_text, handler, settings, engine) in _SERVICES.items():
+        sub = services.add_parser(name, help=help_text, description=f"Run the {name} service: {help_text}.")
+        add_mesh_args(sub, _COMMON_MESH + settings)
+        if engine:
+            add_engine_args(sub)
+        sub.set_defaults(handler=handler)
 
 
 def main(argv: list[str] | None = None) -> int:

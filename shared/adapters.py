@@ -11,6 +11,7 @@ Targeting, rank/alpha patterns and scaling follow peft 0.21: `check_target_modul
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pickle
@@ -83,6 +84,11 @@ class BaseModelShape:
                 "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
             },
         )
+
+    def fingerprint(self) -> str:
+        """A short digest of the shapes an adapter must fit: two bases with one fingerprint take the same adapters."""
+        canonical = json.dumps({"num_layers": self.num_layers, "modules": sorted(self.module_shapes.items())})
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 @dataclass

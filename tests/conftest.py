@@ -26,3 +26,12 @@ def tokenizer(default_model_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(default_model_path)
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    """A fresh embedded NATS server (JetStream, credentials, free port) for one test; `.url` to connect."""
+    from shared.nats_server import EmbeddedNatsServer
+
+    with EmbeddedNatsServer(tmp_path / "nats", port=0) as server:
+        yield server

@@ -1,0 +1,63 @@
+"""How every mesh service process runs: logging, tracing, NATS, signals, and a clean stop.
+
+A service is a class with `name`, `async start(nc)` (subscribe its handlers, start its loops) and `async stop()`
+(stop taking work, finish or fail what is in flight, free resources). `run_service` wraps one in a process:
+on SIGTERM or SIGINT it calls `stop()`, drains the NATS connection and returns exit code 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import Protocol
+
+from nats.aio.client import Client as NATS
+
+from shared import telemetry
+from shared.mesh_config import MeshConfig
+from shared.nats_client import connect, redact
+
+log = logging.getLogger(__name__)
+
+
+class MeshService(Protocol):
+    name: str
+
+    async def start(self, nc: NATS) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def setup_logging(service: str, level: str = "info") -> None:
+    logging.basicConfig(
+        level=level.upper(), format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s", force=True,
+    )
+
+
+def run_service(build: Callable[[], MeshService], config: MeshConfig, name: str) -> int:
+    """Run one service until SIGTERM/SIGINT; 0 on a clean stop. `build` may be slow (it loads the model)."""
+    setup_logging(name, config.log_level)
+    telemetry.setup_tracing(f"caraserve-{name}", config.trace_exporter)
+    return asyncio.run(_serve(build, config, name))
+
+
+async def _serve(build: Callable[[], MeshService], config: MeshConfig, name: str) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    service = await asyncio.to_thread(build)
+    nc = await connect(config.nats_url, f"caraserve-{name}")
+    log.info("connected to %s", redact(config.nats_url))
+    try:
+        await service.start(nc)
+        log.info("%s ready", name)
+        await stop.wait()
+        log.info("%s stopping", name)
+    finally:
+        await service.stop()
+        if not nc.is_closed:
+            await nc.drain()
+    log.info("%s stopped", name)
+    return 0
