@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from services.cli import CLIError
 from services.gpu_worker.engine.sequence import FinishReason, RequestOutput
+from services.gpu_worker.output_view import visible_logprobs
 from shared.openai_protocol import (
     LogprobItem,
     OpenAIError,
@@ -126,19 +127,10 @@ def _submit(engine, kind: str, body: dict, request_id: str) -> ParsedRequest:
     return parsed
 
 
-def _hidden_stop_ids(engine, pending: _Pending) -> set[int]:
-    return set(engine.tokenizer.all_special_ids) | set(pending.parsed.params.stop_token_ids)
-
-
 def _collect(engine, pending: _Pending, out: RequestOutput) -> None:
     pending.text.append(out.new_text)
     if pending.parsed.logprobs and out.logprobs:
-        items = out.logprobs
-        if out.finish_reason == FinishReason.STOP and items[-1].token_id in _hidden_stop_ids(engine, pending):
-            items = items[:-1]  # EOS is not part of the answer's text, so not of its logprobs (as OpenAI)
-        for lp in items:
-            top = [(engine.token_text(tid), value) for tid, value in lp.top]
-            pending.logprobs.append(LogprobItem(engine.token_text(lp.token_id), lp.logprob, top))
+        pending.logprobs.extend(visible_logprobs(engine, pending.parsed.params, out))
     pending.prompt_tokens = out.prompt_tokens or pending.prompt_tokens
     pending.completion_tokens = out.completion_tokens
     if out.finished:

@@ -1,0 +1,318 @@
+"""The gpu_worker service: the engine on the mesh.
+
+Handlers: worker_subject(id, "generate") (requests the scheduler placed here), worker_subject(id, "cancel")
+(the gateway's client went away) and SUBJECT_ADAPTER_EVENTS (a deleted adapter is unloaded: running requests
+finish, new ones are refused). Tokens go straight to each request's `reply_to` inbox as TokenChunks.
+
+The engine is synchronous and not thread-safe, so one coroutine (`_engine_loop`) owns it: between steps it
+applies queued admissions, cancellations and adapter loads/unloads, then runs one `engine.step()` in a thread so
+the event loop keeps moving messages while the model computes. Adapters come from the adapter store on first
+use (metadata by request, files from the object store, sha256 checked) and are validated by the engine's loader.
+A heartbeat with the worker's load goes out every `heartbeat_interval` seconds.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from nats.aio.client import Client as NATS
+
+from services.adapter_store.client import fetch_adapter, get_adapter
+from services.gpu_worker.engine.llm_engine import EngineRequestError, LLMEngine
+from services.gpu_worker.engine.sequence import FinishReason, RequestOutput, SamplingParams, SamplingParamsError
+from services.gpu_worker.output_view import visible_logprobs
+from shared import telemetry
+from shared.mesh_config import MeshConfig
+from shared.nats_client import MeshError, publish, subscribe_handler
+from shared.protocol import (
+    SUBJECT_ADAPTER_EVENTS,
+    SUBJECT_HEARTBEAT,
+    AdapterEvent,
+    CancelRequest,
+    ErrorReply,
+    GenerateRequest,
+    TokenChunk,
+    TokenLogprobs,
+    WorkerHeartbeat,
+    worker_subject,
+)
+
+log = logging.getLogger(__name__)
+DRAIN_TIMEOUT_S = 10.0  # on stop, in-flight requests get this long to finish before they are failed
+
+
+def default_worker_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "worker"
+    return f"{host}-{os.getpid()}"
+
+
+@dataclass
+class _Admission:
+    """A placed request waiting for the engine loop to add it."""
+
+    request: GenerateRequest
+    params: SamplingParams
+    adapter: str | None
+
+
+@dataclass
+class _Running:
+    request: GenerateRequest
+    params: SamplingParams
+
+
+class GpuWorkerService:
+    name = "gpu_worker"
+
+    def __init__(self, engine: LLMEngine, config: MeshConfig, worker_id: str | None = None) -> None:
+        self.engine = engine
+        self.config = config
+        self.worker_id = worker_id or config.worker_id or default_worker_id()
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.worker_id):
+            raise ValueError(f"worker id {self.worker_id!r}: use letters, digits, '_' or '-' (max 64)")
+        self.base_fingerprint = engine.base_shape.fingerprint()
+        self._adapter_dir = Path(tempfile.mkdtemp(prefix=f"caraserve-{self.worker_id}-adapters-"))
+        self._nc: NATS | None = None
+        self._js = None
+        self._subs: list = []
+        self._tasks: list[asyncio.Task] = []
+        self._wake = asyncio.Event()
+        self._admissions: list[_Admission] = []
+        self._cancels: list[str] = []
+        self._unloads: list[str] = []
+        self._running: dict[str, _Running] = {}
+        self._fetching: dict[str, asyncio.Future] = {}  # adapter name -> its fetch, shared by concurrent requests
+        self._loads: list[tuple[str, Path, asyncio.Future]] = []  # fetched adapters for the loop to load
+        self._accepting = False
+        self._stopped = asyncio.Event()
+        self._snapshot: WorkerHeartbeat = self._heartbeat()
+
+    # ---- lifecycle ----
+    async def start(self, nc: NATS) -> None:
+        self._nc, self._js = nc, nc.jetstream()
+        self._subs = [
+            await subscribe_handler(nc, worker_subject(self.worker_id, "generate"), (GenerateRequest,),
+                                    self.on_generate, span_name="worker.generate"),
+            await subscribe_handler(nc, worker_subject(self.worker_id, "cancel"), (CancelRequest,), self.on_cancel,
+                                    span_name="worker.cancel"),
+            await subscribe_handler(nc, SUBJECT_ADAPTER_EVENTS, (AdapterEvent,), self.on_adapter_event,
+                                    span_name="worker.adapter_event"),
+        ]
+        self._accepting = True
+        self._tasks = [asyncio.create_task(self._engine_loop()), asyncio.create_task(self._heartbeat_loop())]
+        await self._publish_heartbeat()
+        log.info("worker %s serving %s on %s", self.worker_id, self.engine.model_name, self._snapshot.device)
+
+    async def stop(self) -> None:
+        """Stop taking requests, let in-flight ones finish (up to DRAIN_TIMEOUT_S), fail the rest, free all."""
+        self._accepting = False
+        if self._nc is not None and self._nc.is_connected:
+            await self._publish_heartbeat()  # ready=False: schedulers stop placing here
+        for sub in self._subs[:1]:
+            await sub.unsubscribe()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT_S
+        while (self._running or self._admissions) and loop.time() < deadline and not self._tasks[0].done():
+            await asyncio.sleep(0.05)
+        for request_id in list(self._running) + [a.request.request_id for a in self._admissions]:
+            self._cancels.append(request_id)
+        self._stopped.set()
+        self._wake.set()
+        for task in self._tasks:
+            if task is not self._tasks[0]:
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sub in self._subs[1:]:
+            await sub.unsubscribe()
+        shutil.rmtree(self._adapter_dir, ignore_errors=True)
+
+    # ---- handlers ----
+    async def on_generate(self, msg, request: GenerateRequest) -> None:
+        try:
+            if not self._accepting:
+                raise MeshError.of(503, "the worker is shutting down; retry", "service_unavailable", "worker_draining")
+            try:
+                params = SamplingParams(**request.sampling)
+            except (SamplingParamsError, TypeError) as exc:
+                raise MeshError.of(400, str(exc)) from None
+            adapter = None if request.model == self.engine.model_name else request.model
+            if adapter is not None and adapter not in self.engine.adapter_names():
+                await self._ensure_adapter(adapter)
+        except MeshError as exc:
+            await publish(self._nc, request.reply_to, exc.reply)
+            return
+        self._admissions.append(_Admission(request, params, adapter))
+        self._wake.set()
+
+    async def on_cancel(self, msg, cancel: CancelRequest) -> None:
+        self._cancels.append(cancel.request_id)
+        self._wake.set()
+
+    async def on_adapter_event(self, msg, event: AdapterEvent) -> None:
+        if event.event == "deleted":
+            self._unloads.append(event.adapter.name)
+            self._wake.set()
+
+    # ---- adapters ----
+    async def _ensure_adapter(self, name: str) -> None:
+        """Fetch `name` from the store and load it (once, however many requests wait for it); MeshError if not."""
+        future = self._fetching.get(name)
+        if future is None:
+            future = self._fetching[name] = asyncio.ensure_future(self._fetch_and_load(name))
+            future.add_done_callback(lambda _: self._fetching.pop(name, None))
+        await asyncio.shield(future)
+
+    async def _fetch_and_load(self, name: str) -> None:
+        try:
+            info = await get_adapter(self._nc, name, timeout=self.config.request_timeout)
+        except MeshError as exc:
+            if exc.reply.status == 404:
+                raise MeshError.of(404, f"The model `{name}` does not exist or you do not have access to it.",
+                                   code="model_not_found", param="model") from None
+            raise
+        if info.base_fingerprint != self.base_fingerprint:
+            raise MeshError.of(400, f"adapter {name!r} was made for another base model ({info.base_model})",
+                               code="adapter_base_mismatch")
+        path = await fetch_adapter(self._js, info, self._adapter_dir)
+        loaded = asyncio.get_running_loop().create_future()
+        self._loads.append((name, path, loaded))
+        self._wake.set()
+        await loaded
+
+    # ---- the engine loop ----
+    async def _engine_loop(self) -> None:
+        while True:
+            for reply_to, error in self._apply_pending():
+                await publish(self._nc, reply_to, error)
+            if self._stopped.is_set() and not self.engine.has_unfinished():
+                return
+            if self.engine.has_unfinished():
+                outputs = await asyncio.to_thread(self.engine.step)
+                await self._publish_outputs(outputs)
+            else:
+                self._wake.clear()
+                await self._wake.wait()
+            self._snapshot = self._heartbeat()
+
+    def _apply_pending(self) -> list[tuple[str, ErrorReply]]:
+        """Everything that touches the engine besides step(), done between steps (the engine is not thread-safe).
+        Returns the errors to send: (reply_to, ErrorReply) for requests that could not be admitted."""
+        errors: list[tuple[str, ErrorReply]] = []
+        loads, self._loads = self._loads, []
+        for name, path, future in loads:
+            try:
+                if name not in self.engine.adapter_names():
+                    self.engine.load_adapter(name, path)
+                future.set_result(None)
+            except (EngineRequestError, ValueError) as exc:
+                future.set_exception(MeshError.of(409 if "in use" in str(exc) or "being removed" in str(exc) else 400,
+                                                  str(exc), code="adapter_unavailable"))
+        unloads, self._unloads = self._unloads, []
+        for name in unloads:
+            if name in self.engine.adapter_names():
+                self.engine.unload_adapter(name)
+                log.info("adapter %s unloaded (deleted from the store)", name)
+        cancels, self._cancels = set(self._cancels), []
+        admissions, self._admissions = self._admissions, []
+        for request_id in cancels:
+            self.engine.abort(request_id)  # frees its KV blocks and adapter reference; final output next step
+        for a in admissions:
+            if a.request.request_id in cancels:
+                if self._stopped.is_set():
+                    errors.append((a.request.reply_to, ErrorReply(
+                        503, "the worker shut down before the request started", "service_unavailable", "worker_stopped")))
+                continue
+            req = a.request
+            try:
+                prompt = self.engine.encode_chat(req.messages) if req.kind == "chat" else req.prompt
+                self.engine.add_request(req.request_id, prompt, a.params, adapter=a.adapter)
+            except EngineRequestError as exc:
+                status, code = (404, "model_not_found") if "unknown model" in str(exc) else (400, None)
+                if "context is" in str(exc):
+                    code = "context_length_exceeded"
+                errors.append((req.reply_to, ErrorReply(status, str(exc), code=code)))
+                continue
+            self._running[req.request_id] = _Running(req, a.params)
+        return errors
+
+    async def _publish_outputs(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            entry = self._running.get(out.request_id)
+            if entry is None:
+                continue
+            if out.finished:
+                del self._running[out.request_id]
+            if out.finish_reason == FinishReason.ABORT:
+                if self._stopped.is_set():
+                    await publish(self._nc, entry.request.reply_to, ErrorReply(
+                        503, "the worker shut down before the request finished", "service_unavailable",
+                        "worker_stopped"))
+                continue  # cancelled by the client: nobody is listening
+            logprobs = None
+            if entry.params.logprobs:
+                logprobs = [TokenLogprobs(i.token, i.logprob, list(i.top))
+                            for i in visible_logprobs(self.engine, entry.params, out)]
+            chunk = TokenChunk(
+                request_id=out.request_id, worker_id=self.worker_id, text=out.new_text,
+                num_tokens=len(out.new_token_ids), finished=out.finished,
+                finish_reason=out.finish_reason.value if out.finish_reason else None, logprobs=logprobs,
+                prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+            )
+            await publish(self._nc, entry.request.reply_to, chunk)
+
+    # ---- heartbeats ----
+    def _heartbeat(self) -> WorkerHeartbeat:
+        engine = self.engine
+        registered = engine.adapters.registered
+        ranks = [registered[s.adapter].max_rank if s.adapter in registered else 0 for s in engine.scheduler.running]
+        return WorkerHeartbeat(
+            worker_id=self.worker_id, model=engine.model_name, base_fingerprint=self.base_fingerprint,
+            max_model_len=engine.max_model_len, max_lora_rank=engine.config.max_lora_rank,
+            running=len(engine.scheduler.running), queued=len(engine.scheduler.waiting) + len(self._admissions),
+            running_ranks=ranks, resident_adapters=engine.adapter_names(),
+            free_kv_blocks=engine.blocks.num_free, total_kv_blocks=engine.blocks.num_blocks,
+            interval_s=self.config.heartbeat_interval, ready=self._accepting,
+            device=str(engine.config.torch_device()),
+        )
+
+    async def _publish_heartbeat(self) -> None:
+        hb = self._snapshot
+        hb.ready = self._accepting
+        await publish(self._nc, SUBJECT_HEARTBEAT, hb)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            try:
+                await self._publish_heartbeat()
+            except Exception as exc:  # a reconnecting connection must not end the heartbeats for good
+                log.warning("heartbeat not sent: %s", exc)
+
+
+def serve_command(args) -> int:
+    from services.cli import CLIError
+    from services.gpu_worker.run_batch import build_engine
+    from shared.mesh_config import MeshConfigError, mesh_config_from_args
+    from shared.service_runtime import run_service
+
+    try:
+        config = mesh_config_from_args(args)
+    except MeshConfigError as exc:
+        raise CLIError(str(exc)) from None
+    args.served_model_name, args.data_dir = config.served_model_name, config.data_dir
+    worker_id = config.worker_id or default_worker_id()
+
+    def build() -> GpuWorkerService:
+        return GpuWorkerService(build_engine(args), config, worker_id)
+
+    try:
+        return run_service(build, config, "gpu_worker")
+    except ConnectionError as exc:
+        raise CLIError(str(exc)) from None

@@ -1,0 +1,132 @@
+"""The gpu_worker service over a real NATS server: placed requests stream TokenChunks equal to the engine's
+offline output, cancels free KV blocks and adapter references, adapters come from the store on first use,
+bad requests get an ErrorReply, heartbeats describe the worker."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from services.gpu_worker.engine.config import EngineConfig
+from services.gpu_worker.engine.llm_engine import LLMEngine
+from services.gpu_worker.engine.sequence import SamplingParams
+from services.gpu_worker.service import GpuWorkerService
+from shared.mesh_config import MeshConfig
+from shared.nats_client import connect, publish
+from shared.protocol import (
+    SUBJECT_HEARTBEAT,
+    CancelRequest,
+    ErrorReply,
+    GenerateRequest,
+    TokenChunk,
+    WorkerHeartbeat,
+    worker_subject,
+)
+from shared.wire import decode
+
+WORKER = "w1"
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_path):
+    return LLMEngine(EngineConfig(model=str(default_model_path), max_num_seqs=8, num_kv_blocks=128, max_loras=2))
+
+
+@pytest.fixture
+async def worker(nats_server, engine):
+    nc = await connect(nats_server.url, "test-worker")
+    service = GpuWorkerService(engine, MeshConfig(nats_url=nats_server.url, heartbeat_interval=0.2, worker_timeout=1.0),
+                               WORKER)
+    await service.start(nc)
+    yield service
+    await service.stop()
+    await nc.close()
+
+
+@pytest.fixture
+async def client(nats_server):
+    nc = await connect(nats_server.url, "test-client")
+    yield nc
+    await nc.close()
+
+
+async def send(nc, model="SmolLM2-135M-Instruct", prompt="The capital of France is", **sampling):
+    """Place a request on the worker directly (as the scheduler does); returns (request, queue of messages)."""
+    inbox = nc.new_inbox()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def on_msg(msg):
+        await queue.put(decode(msg.data, TokenChunk, ErrorReply))
+
+    await nc.subscribe(inbox, cb=on_msg)
+    sampling = {"max_tokens": 8, "temperature": 0.0, **sampling}
+    req = GenerateRequest(request_id=uuid.uuid4().hex, kind="completion", model=model, sampling=sampling,
+                          reply_to=inbox, prompt=prompt)
+    await publish(nc, worker_subject(WORKER, "generate"), req)
+    return req, queue
+
+
+async def collect(queue, timeout=60.0) -> list:
+    out = []
+    while True:
+        msg = await asyncio.wait_for(queue.get(), timeout)
+        out.append(msg)
+        if isinstance(msg, ErrorReply) or msg.finished:
+            return out
+
+
+async def test_stream_equals_offline_engine(engine, worker, client):
+    offline = engine.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0.0, logprobs=True))
+    req, queue = await send(client, logprobs=True)
+    chunks = await collect(queue)
+    assert all(isinstance(c, TokenChunk) and c.request_id == req.request_id for c in chunks)
+    assert "".join(c.text for c in chunks) == offline[0].text
+    assert chunks[-1].finish_reason == offline[0].finish_reason.value
+    assert chunks[-1].completion_tokens == len(offline[0].token_ids) == sum(c.num_tokens for c in chunks)
+    logprobs = [lp.logprob for c in chunks for lp in c.logprobs]
+    assert logprobs == pytest.approx([lp.logprob for lp in offline[0].logprobs][: len(logprobs)], abs=1e-4)
+
+
+async def test_cancel_frees_kv_blocks(engine, worker, client):
+    req, queue = await send(client, max_tokens=300, ignore_eos=True)
+    first = await asyncio.wait_for(queue.get(), 60)
+    assert isinstance(first, TokenChunk) and not first.finished
+    await publish(client, worker_subject(WORKER, "cancel"), CancelRequest(req.request_id))
+    for _ in range(200):
+        if not engine.has_unfinished() and not worker._running:
+            break
+        await asyncio.sleep(0.05)
+    assert not engine.has_unfinished()
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.adapters.in_use == {} and engine.adapters.pinned == {}
+
+
+async def test_bad_requests_get_error_replies(engine, worker, client):
+    _, queue = await send(client, model="no-such-adapter")
+    (err,) = await collect(queue)
+    assert isinstance(err, ErrorReply) and err.status in (404, 503)  # 503 when no store answers
+    _, queue = await send(client, prompt="word " * (engine.max_model_len + 10))
+    (err,) = await collect(queue)
+    assert isinstance(err, ErrorReply) and err.status == 400 and err.code == "context_length_exceeded"
+    _, queue = await send(client, temperature=7.0)
+    (err,) = await collect(queue)
+    assert isinstance(err, ErrorReply) and err.status == 400 and "temperature" in err.message
+    # a malformed message is answered with an error, and the worker keeps serving
+    reply = await client.request(worker_subject(WORKER, "generate"), b"\x93garbage", timeout=5)
+    assert decode(reply.data, ErrorReply).status == 400
+    _, queue = await send(client)
+    assert (await collect(queue))[-1].finished
+
+
+async def test_heartbeats_describe_the_worker(engine, worker, client):
+    got: asyncio.Queue = asyncio.Queue()
+
+    async def on_hb(msg):
+        await got.put(decode(msg.data, WorkerHeartbeat))
+
+    await client.subscribe(SUBJECT_HEARTBEAT, cb=on_hb)
+    hb = await asyncio.wait_for(got.get(), 5)
+    assert hb.worker_id == WORKER and hb.ready and hb.model == engine.model_name
+    assert hb.total_kv_blocks == 128 and hb.free_kv_blocks == 128 and hb.running == 0
+    assert hb.base_fingerprint == engine.base_shape.fingerprint()
