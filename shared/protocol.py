@@ -143,7 +143,7 @@ class WorkerHeartbeat:
 
     worker_id: str
     model: str  # the base model's served name
-    base_fingerprint: str  # shared.adapters.base_fingerprint of the base model; adapters must match it
+    base_fingerprint: str  # BaseModelShape.fingerprint() (shared/adapters.py) of the base model; adapters must match it
     max_model_len: int  # context limit in tokens
     max_lora_rank: int  # adapters above this rank are refused
     running: int  # requests being generated
@@ -180,7 +180,7 @@ class AdapterInfo:
     size_bytes: int  # both files together
     sha256: dict[str, str]  # file name -> sha256 hex digest of its bytes
     base_model: str  # the base model's served name when registered
-    base_fingerprint: str  # shared.adapters.base_fingerprint of the base model it fits
+    base_fingerprint: str  # BaseModelShape.fingerprint() (shared/adapters.py) of the base model it fits
     created: float  # time.time() of registration
 
 

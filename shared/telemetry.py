@@ -38,7 +38,10 @@ def _exporter(kind: str) -> SpanExporter | None:
 
 def setup_tracing(service_name: str, exporter: str = "none", span_exporter: SpanExporter | None = None) -> TracerProvider:
     """Install a tracer provider for this process; `span_exporter` (tests) is used as given, synchronously."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    current = trace.get_tracer_provider()
+    # OpenTelemetry allows one provider per process: several services in one process (tests) share the first
+    provider = current if isinstance(current, TracerProvider) else TracerProvider(
+        resource=Resource.create({"service.name": service_name}))
     if span_exporter is not None:
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
@@ -47,7 +50,8 @@ def setup_tracing(service_name: str, exporter: str = "none", span_exporter: Span
         chosen = _exporter(exporter)
         if chosen is not None:
             provider.add_span_processor(BatchSpanProcessor(chosen))
-    trace.set_tracer_provider(provider)
+    if provider is not current:
+        trace.set_tracer_provider(provider)
     return provider
 
 
