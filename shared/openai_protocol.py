@@ -139,6 +139,9 @@ def _sampling(body: dict, max_tokens: int, logprobs: bool, top: int) -> Sampling
             kwargs[key] = value
     if not -(2**63) <= kwargs.get("seed", 0) < 2**64:
         raise OpenAIError("seed: must fit in 64 bits", param="seed")
+    ignore_eos = _opt(body, "ignore_eos", (bool,), "a boolean")  # vLLM's extension, for benchmarks
+    if ignore_eos:
+        kwargs["ignore_eos"] = True
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):

@@ -54,6 +54,13 @@ def test_chat_sampling_fields():
     assert req.user == "u"
 
 
+def test_ignore_eos_extension():
+    assert parse_completion_request(completion(ignore_eos=True)).params.ignore_eos is True
+    assert parse_completion_request(completion()).params.ignore_eos is False
+    with pytest.raises(OpenAIError, match="ignore_eos: expected a boolean"):
+        parse_completion_request(completion(ignore_eos="yes"))
+
+
 def test_max_completion_tokens_wins_over_max_tokens():
     assert parse_chat_request(chat(max_tokens=9, max_completion_tokens=4)).params.max_tokens == 4
     unset = parse_chat_request(chat(max_tokens=None, max_completion_tokens=None))
