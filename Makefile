@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
+# The whole mesh on this machine (embedded NATS, all services); prints the URL and the API key. Ctrl-C stops it.
 run: venv
-	$(VENV)/bin/caraserve demo
+	$(VENV)/bin/caraserve up
 
 test: venv
 	$(PY) -m pytest -q -ra

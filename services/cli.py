@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(importlib.import_module(module), function)(args)
     except CLIError as exc:
-        print(f"caraserve {args.command}: error: {exc}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "service", None))))
+        print(f"caraserve {command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"caraserve {args.command}: interrupted", file=sys.stderr)

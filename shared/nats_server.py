@@ -37,6 +37,7 @@ def nats_server_binary() -> str:
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is not "in use"
         try:
             s.bind((host, port))
         except OSError:
@@ -83,6 +84,7 @@ class EmbeddedNatsServer:
         log = open(self._log_path, "ab")
         self.process = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a terminal's Ctrl-C goes to us; we stop the server after the services
         )
         log.close()
         deadline = time.monotonic() + timeout

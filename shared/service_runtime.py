@@ -48,7 +48,19 @@ async def _serve(build: Callable[[], MeshService], config: MeshConfig, name: str
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     service = await asyncio.to_thread(build)
-    nc = await connect(config.nats_url, f"caraserve-{name}")
+    if stop.is_set():
+        return 0
+    # NATS may not be up yet (compose starts everything at once): keep trying, but stop on SIGTERM meanwhile
+    connecting = asyncio.create_task(connect(config.nats_url, f"caraserve-{name}"))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        log.info("%s stopped before NATS was reachable", name)
+        return 0
+    stopping.cancel()
+    nc = connecting.result()
     log.info("connected to %s", redact(config.nats_url))
     try:
         await service.start(nc)
@@ -58,6 +70,10 @@ async def _serve(build: Callable[[], MeshService], config: MeshConfig, name: str
     finally:
         await service.stop()
         if not nc.is_closed:
-            await nc.drain()
+            try:
+                await nc.drain()
+            except Exception as exc:  # NATS went away first: nothing left to flush
+                log.warning("NATS drain failed (%s); closing", type(exc).__name__)
+                await nc.close()
     log.info("%s stopped", name)
     return 0

@@ -1,0 +1,158 @@
+"""End to end through the gateway with the official `openai` client: every service real, outputs equal to the
+engine's offline outputs, resources freed on disconnect, a crashed worker ends its streams with an error and a
+new worker serves again, and one request is one trace across the services."""
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import openai
+import pytest
+
+from services.adapter_store.client import register_from_dir
+from services.gpu_worker.engine.sequence import SamplingParams
+from shared.demo_adapters import DEMO_ADAPTERS, demo_adapter_path
+
+MAX_TOKENS = 12
+QUESTION = "Name a fruit that is yellow."
+PROMPT = "The three primary colors are"
+
+
+def client(mesh) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{mesh.base_url}/v1", api_key=mesh.config.api_key, max_retries=0)
+
+
+async def register_demo_adapters(mesh) -> None:
+    nc = mesh.connections[0]
+    for name in DEMO_ADAPTERS:
+        await register_from_dir(nc, name, demo_adapter_path(name), timeout=30)
+
+
+def offline(engine, kind: str, model: str) -> str:
+    adapter = None if model == engine.model_name else model
+    prompt = engine.encode_chat([{"role": "user", "content": QUESTION}]) if kind == "chat" else PROMPT
+    (result,) = engine.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), [adapter])
+    return result.text
+
+
+async def ask(c: openai.AsyncOpenAI, kind: str, model: str, stream: bool) -> str:
+    if kind == "chat":
+        kwargs = dict(model=model, messages=[{"role": "user", "content": QUESTION}], max_tokens=MAX_TOKENS,
+                      temperature=0)
+        if not stream:
+            return (await c.chat.completions.create(**kwargs)).choices[0].message.content
+        parts = [chunk.choices[0].delta.content or "" async for chunk in await c.chat.completions.create(
+            stream=True, **kwargs) if chunk.choices]
+        return "".join(parts)
+    kwargs = dict(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    if not stream:
+        return (await c.completions.create(**kwargs)).choices[0].text
+    return "".join([chunk.choices[0].text async for chunk in await c.completions.create(stream=True, **kwargs)
+                    if chunk.choices])
+
+
+@pytest.mark.slow
+async def test_concurrent_requests_over_adapters_equal_offline_outputs(mesh, reference_engine):
+    await register_demo_adapters(mesh)
+    models = [mesh.engine.model_name, *DEMO_ADAPTERS]
+    cases = [(kind, model, stream) for model in models for kind in ("chat", "completion") for stream in (True, False)]
+    c = client(mesh)
+    answers = await asyncio.gather(*(ask(c, *case) for case in cases))
+    # in a thread: blocking the event loop would silence the in-process worker's heartbeats
+    expected = {(kind, model): await asyncio.to_thread(offline, reference_engine, kind, model)
+                for kind, model, _ in cases}
+    for (kind, model, stream), answer in zip(cases, answers):
+        assert answer == expected[(kind, model)], (kind, model, stream)
+    assert len({expected[("chat", m)] for m in models}) == len(models)  # the adapters really change the answers
+    models_listed = {m.id for m in (await c.models.list()).data}
+    assert set(models) <= models_listed
+
+
+@pytest.mark.slow
+async def test_client_disconnect_frees_kv_blocks_and_adapter(mesh):
+    await register_demo_adapters(mesh)
+    engine = mesh.engine
+    body = {"model": "pirate", "prompt": "Count: 1, 2, 3, 4,", "max_tokens": 400, "stream": True,
+            "temperature": 0}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {mesh.config.api_key}"}) as http:
+        async with http.post(f"{mesh.base_url}/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            for _ in range(3):
+                await resp.content.readline()
+            assert engine.has_unfinished()
+        # the response is closed mid-stream: the client went away
+    for _ in range(200):
+        if not engine.has_unfinished() and not mesh.worker._running:
+            break
+        await asyncio.sleep(0.05)
+    assert not engine.has_unfinished()
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.adapters.in_use == {} and engine.adapters.pinned == {}
+
+
+@pytest.mark.slow
+async def test_worker_crash_mid_stream_then_a_new_worker_serves(mesh):
+    c = client(mesh)
+    stream = await c.completions.create(model=mesh.engine.model_name, prompt="Count: 1, 2, 3,", max_tokens=400,
+                                        temperature=0, stream=True)
+    got_chunk = False
+    with pytest.raises(openai.APIError, match="lost"):
+        async for _ in stream:
+            if not got_chunk:
+                got_chunk = True
+                await mesh.crash_worker()
+    assert got_chunk
+    async with aiohttp.ClientSession() as http:  # no worker: not ready, and requests get 503
+        for _ in range(100):
+            async with http.get(f"{mesh.base_url}/readyz") as resp:
+                if resp.status == 503:
+                    break
+            await asyncio.sleep(0.05)
+        assert resp.status == 503
+    with pytest.raises(openai.APIStatusError) as err:
+        await c.completions.create(model=mesh.engine.model_name, prompt="Hi", max_tokens=2)
+    assert err.value.status_code == 503
+    await mesh.start_worker("w2")
+    await mesh.wait_ready()
+    answer = await c.completions.create(model=mesh.engine.model_name, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 4
+
+
+@pytest.mark.slow
+async def test_deleted_adapter_is_refused_to_new_requests(mesh):
+    await register_demo_adapters(mesh)
+    c = client(mesh)
+    assert (await c.completions.create(model="caps", prompt="hello", max_tokens=2)).usage.completion_tokens == 2
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {mesh.config.admin_key}"}) as http:
+        async with http.delete(f"{mesh.base_url}/v1/adapters/caps") as resp:
+            assert resp.status == 200
+    for _ in range(100):  # the worker hears the deletion event
+        if "caps" not in mesh.engine.adapter_names():
+            break
+        await asyncio.sleep(0.05)
+    with pytest.raises(openai.NotFoundError):
+        await c.completions.create(model="caps", prompt="hello", max_tokens=2)
+    assert "caps" not in {m.id for m in (await c.models.list()).data}
+
+
+@pytest.mark.slow
+async def test_two_workers_share_the_load(mesh, reference_engine):
+    from services.gpu_worker.service import GpuWorkerService
+
+    second = GpuWorkerService(reference_engine, mesh.config, "w2")
+    await mesh.start(second)
+    for _ in range(100):  # the scheduler has heard from both
+        if len([s for s in mesh.services if getattr(s, "registry", None) and len(s.registry.workers) == 2]):
+            break
+        await asyncio.sleep(0.05)
+    c = client(mesh)
+    seen: set[str] = set()
+
+    async def one(i: int) -> None:
+        stream = await c.completions.create(model=mesh.engine.model_name, prompt=f"{i} + {i} =", max_tokens=3,
+                                            temperature=0, stream=True)
+        async for _ in stream:
+            seen.update(w for w, s in (("w1", mesh.worker), ("w2", second)) if s._running)
+
+    await asyncio.gather(*(one(i) for i in range(6)))
+    assert seen == {"w1", "w2"}
