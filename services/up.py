@@ -31,7 +31,7 @@ from services.cli import CLIError
 from services.supervisor import ChildSpec, GiveUp, Supervisor, describe_exit, remove_new_shm, shm_entries
 from shared.mesh_config import MeshConfig, MeshConfigError, env_var, mesh_config_from_args
 from shared.model_provisioning import ModelNotFoundError, ResolvedModel, resolve_model
-from shared.nats_server import EmbeddedNatsServer, NatsServerError, free_port, port_is_free
+from shared.nats_server import EmbeddedNatsServer, NatsServerError, free_port
 from shared.paths import data_dir as default_data_dir
 
 READY_MARKER = "caraserve up: ready"
@@ -43,8 +43,7 @@ _ENGINE_FLAGS = ("model", "served_model_name", "dtype", "device", "max_lora_rank
 # MeshConfig fields `up` does not hand to its children as they are: NATS is ours, worker ids are per worker.
 _NOT_PASSED = ("nats_url", "nats_port", "worker_id")
 _NATS_PASSWORD_ENV = "CARASERVE_UP_NATS_PASSWORD"  # the NATS child's password (environment, not argv)
-NATS_TIME_WAIT = 75.0  # seconds the NATS child waits for its port to leave TIME_WAIT (Linux: 60)
-NATS_START_TIMEOUT = NATS_TIME_WAIT + 30.0
+NATS_START_TIMEOUT = 30.0  # seconds for the embedded NATS server to listen
 
 
 def _say(message: str) -> None:
@@ -359,13 +358,6 @@ def nats_main(argv: list[str]) -> int:
     stop = _StopSignals()
     stop.install()
     server = EmbeddedNatsServer(store_dir, port=port, password=os.environ[_NATS_PASSWORD_ENV])
-    # After nats-server crashed, its port lingers in TIME_WAIT for up to a minute: nats-server could listen
-    # (it sets SO_REUSEADDR) but EmbeddedNatsServer's free-port check cannot tell, so wait that out here.
-    deadline = time.monotonic() + NATS_TIME_WAIT
-    if not port_is_free(port) and not _port_in_use("127.0.0.1", port):
-        print(f"caraserve up: nats: waiting for port {port} to leave TIME_WAIT", file=sys.stderr, flush=True)
-        while not port_is_free(port) and time.monotonic() < deadline and stop.received is None:
-            time.sleep(0.5)
     try:
         server.start()
     except NatsServerError as exc:

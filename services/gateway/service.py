@@ -12,6 +12,7 @@ import errno
 import logging
 
 from aiohttp import web
+from aiohttp.web_log import AccessLogger
 from nats.aio.client import Client as NATS
 
 from services.gateway.app import build_app
@@ -22,6 +23,15 @@ from shared.service_runtime import run_service
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT = 5.0  # seconds handlers get to finish once their streams were ended
+
+
+class ProbeQuietAccessLogger(AccessLogger):
+    """aiohttp's access log without the successful /healthz and /readyz polls (orchestrators poll every second)."""
+
+    def log(self, request, response, time: float) -> None:
+        if request.path in ("/healthz", "/readyz") and response.status == 200:
+            return
+        super().log(request, response, time)
 
 
 class GatewayService:
@@ -39,7 +49,7 @@ class GatewayService:
         # handler_cancellation: a client that disconnects cancels its handler, so its request is cancelled
         # on the worker at once instead of at the next token written
         self.runner = web.AppRunner(build_app(self.mesh, self.config), handler_cancellation=True,
-                                    shutdown_timeout=SHUTDOWN_TIMEOUT)
+                                    shutdown_timeout=SHUTDOWN_TIMEOUT, access_log_class=ProbeQuietAccessLogger)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.config.host, self.config.port)
         try:

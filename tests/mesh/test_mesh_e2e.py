@@ -156,3 +156,18 @@ async def test_two_workers_share_the_load(mesh, reference_engine):
 
     await asyncio.gather(*(one(i) for i in range(6)))
     assert seen == {"w1", "w2"}
+
+
+@pytest.mark.slow
+async def test_bad_requests_through_the_whole_mesh(mesh):
+    c = client(mesh)
+    with pytest.raises(openai.BadRequestError, match="context"):  # the worker's tokenizer decides
+        await c.completions.create(model=mesh.engine.model_name, prompt="word " * (mesh.engine.max_model_len + 8),
+                                   max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        await c.completions.create(model="no-such-adapter", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="n"):
+        await c.chat.completions.create(model=mesh.engine.model_name, messages=[{"role": "user", "content": "hi"}],
+                                        n=2)
+    ok = await c.completions.create(model=mesh.engine.model_name, prompt="hi", max_tokens=2)  # still serving
+    assert ok.usage.completion_tokens == 2
