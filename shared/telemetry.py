@@ -2,8 +2,8 @@
 
 One request is one trace: the gateway starts the root span, every NATS message it sends carries the W3C
 `traceparent` header (`inject`), and the receiving service starts its span as a child of it (`extract`).
-Exporting is off by default (`--trace-exporter none`): spans are still created, so context still propagates,
-but nothing is written. `console` prints finished spans as JSON on stderr; `otlp` needs the
+Exporting is off by default (`--trace-exporter none`): then no spans are recorded, but a traceparent that a
+client sent still propagates through every service. `console` prints finished spans as JSON on stderr; `otlp` needs the
 opentelemetry-exporter-otlp package and sends to $OTEL_EXPORTER_OTLP_ENDPOINT.
 """
 from __future__ import annotations
@@ -36,8 +36,15 @@ def _exporter(kind: str) -> SpanExporter | None:
     raise TracingSetupError(f"unknown trace exporter {kind!r} (none, console or otlp)")
 
 
-def setup_tracing(service_name: str, exporter: str = "none", span_exporter: SpanExporter | None = None) -> TracerProvider:
-    """Install a tracer provider for this process; `span_exporter` (tests) is used as given, synchronously."""
+def setup_tracing(service_name: str, exporter: str = "none",
+                  span_exporter: SpanExporter | None = None) -> TracerProvider | None:
+    """Install a tracer provider for this process; `span_exporter` (tests) is used as given, synchronously.
+
+    With exporter "none" no SDK provider is installed: OpenTelemetry's no-op tracer still passes an incoming
+    traceparent on through every service (the caller's trace continues), and nothing is recorded, which keeps
+    the request path free of span bookkeeping."""
+    if exporter == "none" and span_exporter is None:
+        return None
     current = trace.get_tracer_provider()
     # OpenTelemetry allows one provider per process: several services in one process (tests) share the first
     provider = current if isinstance(current, TracerProvider) else TracerProvider(
