@@ -41,6 +41,27 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "(default: $CARASERVE_DATA_DIR or ~/.cache/caraserve)")
 
 
+def mesh_config(args: argparse.Namespace):
+    """The mesh settings of a `serve`/`up` command (flags > CARASERVE_* environment > defaults); CLIError if bad."""
+    from shared.mesh_config import MeshConfigError, mesh_config_from_args
+
+    try:
+        return mesh_config_from_args(args)
+    except MeshConfigError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def run_mesh_service(build, config, name: str) -> int:
+    """Run one service process until SIGTERM/SIGINT (shared/service_runtime.py); a port in use or an unreachable
+    NATS server (OSError, ConnectionError) becomes a one-line CLIError instead of a traceback."""
+    from shared.service_runtime import run_service
+
+    try:
+        return run_service(build, config, name)
+    except OSError as exc:
+        raise CLIError(exc.strerror or str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="caraserve",

@@ -27,9 +27,9 @@ import urllib.request
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from services.cli import CLIError
+from services.cli import CLIError, mesh_config
 from services.supervisor import ChildSpec, GiveUp, Supervisor, describe_exit, remove_new_shm, shm_entries
-from shared.mesh_config import MeshConfig, MeshConfigError, env_var, mesh_config_from_args
+from shared.mesh_config import MeshConfig, env_var
 from shared.model_provisioning import ModelNotFoundError, ResolvedModel, resolve_model
 from shared.nats_server import EmbeddedNatsServer, NatsServerError, free_port
 from shared.paths import data_dir as default_data_dir
@@ -95,10 +95,7 @@ def _port_in_use(host: str, port: int) -> bool:
 
 def _prepare(args) -> Plan:
     """Validate the settings and ports, provision the model; CLIError (one line) for what the user can fix."""
-    try:
-        config = mesh_config_from_args(args)
-    except MeshConfigError as exc:
-        raise CLIError(str(exc)) from None
+    config = mesh_config(args)
     if args.workers < 1:
         raise CLIError(f"--workers must be >= 1, got {args.workers}")
     if config.port == 0:

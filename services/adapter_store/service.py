@@ -15,13 +15,12 @@ from nats.aio.msg import Msg
 
 from services.adapter_store.store import AdapterStore
 from shared.adapters import BaseModelShape
-from shared.mesh_config import MeshConfig, MeshConfigError, mesh_config_from_args
+from shared.mesh_config import MeshConfig
 from shared.nats_client import publish, subscribe_handler
 from shared.protocol import (
     ADAPTER_STORE_QUEUE, SUBJECT_ADAPTER_DELETE, SUBJECT_ADAPTER_EVENTS, SUBJECT_ADAPTER_GET, SUBJECT_ADAPTER_LIST,
     SUBJECT_ADAPTER_REGISTER, AdapterEvent, AdapterInfo, AdapterList, AdapterQuery, ListAdapters, RegisterAdapter,
 )
-from shared.service_runtime import run_service
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +96,10 @@ def build_store_service(args: argparse.Namespace, config: MeshConfig | None = No
     """
     from transformers import AutoConfig
 
-    from services.cli import CLIError
+    from services.cli import CLIError, mesh_config
     from shared.model_provisioning import ModelNotFoundError, resolve_model
 
-    if config is None:
-        try:
-            config = mesh_config_from_args(args)
-        except MeshConfigError as exc:
-            raise CLIError(str(exc)) from None
+    config = config or mesh_config(args)
     try:
         resolved = resolve_model(getattr(args, "model", None), config.data_dir)
         shape = BaseModelShape.from_hf_config(AutoConfig.from_pretrained(resolved.path))
@@ -121,12 +116,9 @@ def build_store_service(args: argparse.Namespace, config: MeshConfig | None = No
 
 def serve_command(args: argparse.Namespace) -> int:
     """`caraserve serve adapter_store`: run the store until SIGTERM/SIGINT."""
-    from services.cli import CLIError
+    from services.cli import mesh_config, run_mesh_service
 
-    try:
-        config = mesh_config_from_args(args)
-    except MeshConfigError as exc:
-        raise CLIError(str(exc)) from None
+    config = mesh_config(args)
     # Built before run_service so a bad --model fails as a one-line CLIError, not inside the event loop.
     service = build_store_service(args, config)
-    return run_service(lambda: service, config, "adapter_store")
+    return run_mesh_service(lambda: service, config, "adapter_store")

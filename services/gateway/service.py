@@ -17,8 +17,7 @@ from nats.aio.client import Client as NATS
 
 from services.gateway.app import build_app
 from services.gateway.mesh_link import GatewayMesh
-from shared.mesh_config import MeshConfig, MeshConfigError, mesh_config_from_args
-from shared.service_runtime import run_service
+from shared.mesh_config import MeshConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +76,7 @@ class GatewayService:
 
 def serve_command(args: argparse.Namespace) -> int:
     """`caraserve serve gateway`."""
-    from services.cli import CLIError
+    from services.cli import mesh_config, run_mesh_service
 
-    try:
-        config = mesh_config_from_args(args)
-    except MeshConfigError as exc:
-        raise CLIError(str(exc)) from None
-    try:
-        return run_service(lambda: GatewayService(config), config, "gateway")
-    except OSError as exc:  # port in use, NATS unreachable (ConnectionError): one line, not a traceback
-        raise CLIError(exc.strerror or str(exc)) from None
+    config = mesh_config(args)
+    return run_mesh_service(lambda: GatewayService(config), config, "gateway")

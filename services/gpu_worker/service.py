@@ -29,7 +29,6 @@ from services.adapter_store.client import fetch_adapter, get_adapter
 from services.gpu_worker.engine.llm_engine import EngineRequestError, LLMEngine
 from services.gpu_worker.engine.sequence import FinishReason, RequestOutput, SamplingParams, SamplingParamsError
 from services.gpu_worker.output_view import visible_logprobs
-from shared import telemetry
 from shared.mesh_config import MeshConfig
 from shared.nats_client import MeshError, publish, subscribe_handler
 from shared.protocol import (
@@ -303,15 +302,11 @@ class GpuWorkerService:
 
 
 def serve_command(args) -> int:
-    from services.cli import CLIError
+    """`caraserve serve gpu_worker`."""
+    from services.cli import mesh_config, run_mesh_service
     from services.gpu_worker.run_batch import build_engine
-    from shared.mesh_config import MeshConfigError, mesh_config_from_args
-    from shared.service_runtime import run_service
 
-    try:
-        config = mesh_config_from_args(args)
-    except MeshConfigError as exc:
-        raise CLIError(str(exc)) from None
+    config = mesh_config(args)
     args.served_model_name, args.data_dir = config.served_model_name, config.data_dir
     worker_id = config.worker_id or default_worker_id()
 
@@ -320,7 +315,4 @@ def serve_command(args) -> int:
         engine = step_thread.submit(build_engine, args).result()  # loaded on the thread that will step it
         return GpuWorkerService(engine, config, worker_id, step_thread)
 
-    try:
-        return run_service(build, config, "gpu_worker")
-    except ConnectionError as exc:
-        raise CLIError(str(exc)) from None
+    return run_mesh_service(build, config, "gpu_worker")

@@ -86,15 +86,8 @@ class SchedulerService:
 
 
 def serve_command(args) -> int:
-    from services.cli import CLIError
-    from shared.mesh_config import MeshConfigError, mesh_config_from_args
-    from shared.service_runtime import run_service
+    """`caraserve serve scheduler`."""
+    from services.cli import mesh_config, run_mesh_service
 
-    try:
-        config = mesh_config_from_args(args)
-    except MeshConfigError as exc:
-        raise CLIError(str(exc)) from None
-    try:
-        return run_service(lambda: SchedulerService(config), config, "scheduler")
-    except ConnectionError as exc:
-        raise CLIError(str(exc)) from None
+    config = mesh_config(args)
+    return run_mesh_service(lambda: SchedulerService(config), config, "scheduler")
