@@ -12,6 +12,7 @@ Request path (the stages of one request, named as in the engine's docstrings):
   gateway  --CancelRequest--> worker_subject(worker_id, "cancel") when the client disconnects.
   scheduler --WorkerLost--> SUBJECT_WORKER_LOST when a worker misses its heartbeats; gateways end that worker's
            streams with an error.
+  gateway  --GatewayHeartbeat--> SUBJECT_GATEWAY_HEARTBEAT; a worker aborts the requests of a silent gateway.
 Adapters: the gateway stages uploaded files in the object store bucket ADAPTER_BLOB_BUCKET, then asks the store
 (RegisterAdapter on SUBJECT_ADAPTER_REGISTER); metadata (AdapterInfo) lives in the KV bucket ADAPTER_META_BUCKET;
 the store announces changes as AdapterEvent; workers fetch blobs on first use and check their sha256.
@@ -30,6 +31,7 @@ SUBJECT_GENERATE = "caraserve.v1.generate"  # gateway -> scheduler (request/repl
 SCHEDULER_QUEUE = "scheduler"  # queue group of the schedulers on SUBJECT_GENERATE
 SUBJECT_HEARTBEAT = "caraserve.v1.worker.heartbeat"  # worker -> schedulers and gateways
 SUBJECT_WORKER_LOST = "caraserve.v1.worker.lost"  # scheduler -> gateways
+SUBJECT_GATEWAY_HEARTBEAT = "caraserve.v1.gateway.heartbeat"  # gateway -> workers
 SUBJECT_ADAPTER_REGISTER = "caraserve.v1.adapters.register"  # gateway -> store (request/reply)
 SUBJECT_ADAPTER_LIST = "caraserve.v1.adapters.list"  # anyone -> store (request/reply)
 SUBJECT_ADAPTER_GET = "caraserve.v1.adapters.get"  # anyone -> store (request/reply)
@@ -163,6 +165,16 @@ class WorkerLost:
 
     worker_id: str
     reason: str
+
+
+@dataclass
+class GatewayHeartbeat:
+    """A gateway is alive. Workers abort the requests of a gateway silent for worker_timeout: nobody is left to
+    read their tokens (the gateway crashed, or lost its NATS connection, and could not send CancelRequests)."""
+
+    gateway_id: str
+    interval_s: float  # time between heartbeats
+    in_flight: int = 0  # requests it is streaming
 
 
 # ---------------------------------------------------------------- adapters

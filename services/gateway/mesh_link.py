@@ -24,8 +24,9 @@ from shared.mesh_config import MeshConfig
 from shared.nats_client import MeshError, publish, request, subscribe_handler
 from shared.openai_protocol import ParsedRequest, model_not_found
 from shared.protocol import (
-    SUBJECT_ADAPTER_EVENTS, SUBJECT_GENERATE, SUBJECT_HEARTBEAT, SUBJECT_WORKER_LOST, AdapterEvent, AdapterInfo,
-    CancelRequest, ErrorReply, GenerateRequest, Placement, TokenChunk, WorkerHeartbeat, WorkerLost, worker_subject,
+    SUBJECT_ADAPTER_EVENTS, SUBJECT_GATEWAY_HEARTBEAT, SUBJECT_GENERATE, SUBJECT_HEARTBEAT, SUBJECT_WORKER_LOST,
+    AdapterEvent, AdapterInfo, CancelRequest, ErrorReply, GatewayHeartbeat, GenerateRequest, Placement, TokenChunk,
+    WorkerHeartbeat, WorkerLost, worker_subject,
 )
 from shared.wire import ProtocolError, decode
 
@@ -71,6 +72,7 @@ class GatewayMesh:
         self._streams: dict[str, _Stream] = {}
         self._subs: list = []
         self._watchdog: asyncio.Task | None = None
+        self._heartbeats: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self.closing = False
 
@@ -85,6 +87,17 @@ class GatewayMesh:
         self._subs.append(await subscribe_handler(self.nc, SUBJECT_ADAPTER_EVENTS, (AdapterEvent,),
                                                   self._on_adapter_event))
         self._watchdog = asyncio.create_task(self._watch_workers(), name="gateway-watchdog")
+        self._heartbeats = asyncio.create_task(self._send_heartbeats(), name="gateway-heartbeats")
+
+    async def _send_heartbeats(self) -> None:
+        """Tell the workers this gateway still reads its streams (they abort the requests of a silent one)."""
+        while True:
+            try:
+                await publish(self.nc, SUBJECT_GATEWAY_HEARTBEAT,
+                              GatewayHeartbeat(self.gateway_id, self.config.heartbeat_interval, len(self._streams)))
+            except Exception as exc:  # reconnecting: the next one may go through
+                log.debug("gateway heartbeat not sent: %s", exc)
+            await asyncio.sleep(self.config.heartbeat_interval)
 
     def end_all(self, reason: str) -> None:
         """Refuse new requests and end every stream in flight with a 503 (the gateway is stopping)."""
@@ -94,9 +107,10 @@ class GatewayMesh:
 
     async def stop(self) -> None:
         self.end_all("the gateway is shutting down")
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            await asyncio.gather(self._watchdog, return_exceptions=True)
+        for task in (self._watchdog, self._heartbeats):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

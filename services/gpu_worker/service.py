@@ -8,7 +8,8 @@ The engine is synchronous and not thread-safe, so one coroutine (`_engine_loop`)
 applies queued admissions, cancellations and adapter loads/unloads, then runs one `engine.step()` in a thread so
 the event loop keeps moving messages while the model computes. Adapters come from the adapter store on first
 use (metadata by request, files from the object store, sha256 checked) and are validated by the engine's loader.
-A heartbeat with the worker's load goes out every `heartbeat_interval` seconds.
+A heartbeat with the worker's load goes out every `heartbeat_interval` seconds. Requests of a gateway whose own
+heartbeats stopped for `worker_timeout` are aborted: a crashed gateway cannot send their CancelRequests.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nats.aio.client import Client as NATS
@@ -31,12 +33,15 @@ from services.gpu_worker.engine.sequence import FinishReason, RequestOutput, Sam
 from services.gpu_worker.output_view import visible_logprobs
 from shared.mesh_config import MeshConfig
 from shared.nats_client import MeshError, publish, subscribe_handler
+from shared.wire import ProtocolError, decode
 from shared.protocol import (
     SUBJECT_ADAPTER_EVENTS,
+    SUBJECT_GATEWAY_HEARTBEAT,
     SUBJECT_HEARTBEAT,
     AdapterEvent,
     CancelRequest,
     ErrorReply,
+    GatewayHeartbeat,
     GenerateRequest,
     TokenChunk,
     TokenLogprobs,
@@ -66,6 +71,7 @@ class _Admission:
 class _Running:
     request: GenerateRequest
     params: SamplingParams
+    arrived: float = field(default_factory=time.monotonic)
 
 
 class GpuWorkerService:
@@ -91,6 +97,7 @@ class GpuWorkerService:
         self._running: dict[str, _Running] = {}
         self._fetching: dict[str, asyncio.Future] = {}  # adapter name -> its fetch, shared by concurrent requests
         self._loads: list[tuple[str, Path, asyncio.Future]] = []  # fetched adapters for the loop to load
+        self._gateways_seen: dict[str, float] = {}  # gateway id -> monotonic time of its last heartbeat
         self._accepting = False
         self._stopped = asyncio.Event()
         # Steps always run on one thread, off the event loop. Give the thread that built the engine: on CPU a step
@@ -108,6 +115,7 @@ class GpuWorkerService:
                                     span_name="worker.cancel"),
             await subscribe_handler(nc, SUBJECT_ADAPTER_EVENTS, (AdapterEvent,), self.on_adapter_event,
                                     span_name="worker.adapter_event"),
+            await nc.subscribe(SUBJECT_GATEWAY_HEARTBEAT, cb=self.on_gateway_heartbeat),  # frequent: no span
         ]
         self._accepting = True
         self._tasks = [asyncio.create_task(self._engine_loop()), asyncio.create_task(self._heartbeat_loop())]
@@ -159,6 +167,21 @@ class GpuWorkerService:
     async def on_cancel(self, msg, cancel: CancelRequest) -> None:
         self._cancels.append(cancel.request_id)
         self._wake.set()
+
+    async def on_gateway_heartbeat(self, msg) -> None:
+        try:
+            hb = decode(msg.data, GatewayHeartbeat)
+        except ProtocolError as exc:
+            log.warning("malformed gateway heartbeat: %s", exc)
+            return
+        self._gateways_seen[hb.gateway_id] = time.monotonic()
+
+    def _orphans(self, now: float) -> list[str]:
+        """Running requests whose gateway has been silent for worker_timeout (since the later of its last heartbeat
+        and the request's arrival): nobody reads their tokens, so they only hold KV blocks and adapter slots."""
+        timeout = self.config.worker_timeout
+        return [rid for rid, r in self._running.items() if r.request.gateway_id
+                and now - max(self._gateways_seen.get(r.request.gateway_id, 0.0), r.arrived) > timeout]
 
     async def on_adapter_event(self, msg, event: AdapterEvent) -> None:
         if event.event == "deleted":
@@ -295,6 +318,11 @@ class GpuWorkerService:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
+            orphans = self._orphans(time.monotonic())
+            if orphans:
+                log.warning("aborting %d request(s) of a gateway gone silent", len(orphans))
+                self._cancels.extend(orphans)
+                self._wake.set()
             try:
                 await self._publish_heartbeat()
             except Exception as exc:  # a reconnecting connection must not end the heartbeats for good

@@ -15,9 +15,11 @@ from services.gpu_worker.service import GpuWorkerService
 from shared.mesh_config import MeshConfig
 from shared.nats_client import connect, publish
 from shared.protocol import (
+    SUBJECT_GATEWAY_HEARTBEAT,
     SUBJECT_HEARTBEAT,
     CancelRequest,
     ErrorReply,
+    GatewayHeartbeat,
     GenerateRequest,
     TokenChunk,
     WorkerHeartbeat,
@@ -51,7 +53,7 @@ async def client(nats_server):
     await nc.close()
 
 
-async def send(nc, model="SmolLM2-135M-Instruct", prompt="The capital of France is", **sampling):
+async def send(nc, model="SmolLM2-135M-Instruct", prompt="The capital of France is", gateway_id="", **sampling):
     """Place a request on the worker directly (as the scheduler does); returns (request, queue of messages)."""
     inbox = nc.new_inbox()
     queue: asyncio.Queue = asyncio.Queue()
@@ -62,7 +64,7 @@ async def send(nc, model="SmolLM2-135M-Instruct", prompt="The capital of France 
     await nc.subscribe(inbox, cb=on_msg)
     sampling = {"max_tokens": 8, "temperature": 0.0, **sampling}
     req = GenerateRequest(request_id=uuid.uuid4().hex, kind="completion", model=model, sampling=sampling,
-                          reply_to=inbox, prompt=prompt)
+                          reply_to=inbox, prompt=prompt, gateway_id=gateway_id)
     await publish(nc, worker_subject(WORKER, "generate"), req)
     return req, queue
 
@@ -130,3 +132,33 @@ async def test_heartbeats_describe_the_worker(engine, worker, client):
     assert hb.worker_id == WORKER and hb.ready and hb.model == engine.model_name
     assert hb.total_kv_blocks == 128 and hb.free_kv_blocks == 128 and hb.running == 0
     assert hb.base_fingerprint == engine.base_shape.fingerprint()
+
+
+async def test_requests_of_a_silent_gateway_are_aborted(engine, worker, client):
+    """A gateway that crashed cannot cancel its requests: the worker notices its heartbeats stopped."""
+    alive = "gw-alive"
+
+    async def beat():
+        while True:
+            await publish(client, SUBJECT_GATEWAY_HEARTBEAT, GatewayHeartbeat(alive, 0.2))
+            await asyncio.sleep(0.2)
+
+    beating = asyncio.create_task(beat())
+    try:
+        kept, kept_queue = await send(client, gateway_id=alive, max_tokens=60, ignore_eos=True)
+        orphan, orphan_queue = await send(client, gateway_id="gw-crashed", max_tokens=1000, ignore_eos=True)
+        await asyncio.wait_for(orphan_queue.get(), 60)  # both run
+        for _ in range(200):  # worker_timeout is 1 s here
+            if orphan.request_id not in worker._running:
+                break
+            await asyncio.sleep(0.05)
+        assert orphan.request_id not in worker._running
+        chunks = await collect(kept_queue)  # the live gateway's request is untouched
+        assert chunks[-1].finished and chunks[-1].completion_tokens == 60
+    finally:
+        beating.cancel()
+    for _ in range(100):
+        if not engine.has_unfinished():
+            break
+        await asyncio.sleep(0.05)
+    assert engine.blocks.num_free == engine.blocks.num_blocks and engine.adapters.pinned == {}

@@ -33,6 +33,7 @@ SAMPLES = [
                     running=1, queued=2, running_ranks=[0, 8], resident_adapters=["caps"], free_kv_blocks=3,
                     total_kv_blocks=9, interval_s=1.0),
     protocol.WorkerLost("w1", "silent"),
+    protocol.GatewayHeartbeat("g1", 1.0, 3),
     INFO,
     protocol.RegisterAdapter("caps", "abc"),
     protocol.AdapterQuery("caps"),
