@@ -36,6 +36,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-seqs", type=int, metavar="N", help="sequences running at once (default: 64)")
     group.add_argument("--max-num-batched-tokens", type=int, metavar="N",
                        help="tokens per engine step, prefill chunks and decodes together (default: 512)")
+    group.add_argument("--lora-backend", choices=("auto", "torch", "triton"),
+                       help="multi-LoRA kernels: Triton (unpadded mixed ranks) or the torch reference "
+                            "(default: auto = triton on CUDA, torch on CPU)")
+    group.add_argument("--attention-backend", choices=("auto", "torch", "triton"),
+                       help="attention over the paged KV cache: Triton kernels or the torch SDPA path "
+                            "(default: auto = triton on CUDA, torch on CPU)")
     group.add_argument("--data-dir", metavar="DIR",
                        help="cache for converted models, and the mesh's JetStream store "
                             "(default: $CARASERVE_DATA_DIR or ~/.cache/caraserve)")

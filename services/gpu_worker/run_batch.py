@@ -228,7 +228,7 @@ def build_engine(args: argparse.Namespace):
     from shared.model_provisioning import ModelNotFoundError
 
     names = ("model", "served_model_name", "dtype", "device", "data_dir", "max_lora_rank", "max_loras",
-             "max_num_seqs", "max_num_batched_tokens")
+             "max_num_seqs", "max_num_batched_tokens", "attention_backend", "lora_backend")
     settings = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     start = time.perf_counter()
     try:

@@ -1,10 +1,12 @@
 """Adapters known to the engine (host tier) and the resident slots the model computes with (device tier).
 
-A slot holds one adapter laid out for the fused projections. Slots are LRU and reference-counted by the running
-sequences that use them (`acquire`/`release`): an adapter in use is never evicted. Requests are counted too, from
-admission to finish (`pin`/`unpin`), so that a request accepted for an adapter runs to its end on the weights it
-was accepted with. Unregistering an adapter refuses new requests for it at once; while accepted requests still need
-it, it is retired (re-registering it is refused), and its slot is freed when the last of them finishes.
+A slot holds one adapter laid out for the fused projections (SlotWeights for the torch backend; for the Triton
+backend a PoolHandle into the device pool, which `free` gives back when the slot is emptied). Slots are LRU and
+reference-counted by the running sequences that use them (`acquire`/`release`): an adapter in use is never evicted.
+Requests are counted too, from admission to finish (`pin`/`unpin`), so that a request accepted for an adapter runs
+to its end on the weights it was accepted with. Unregistering an adapter refuses new requests for it at once; while
+accepted requests still need it, it is retired (re-registering it is refused), and its slot is freed when the last
+of them finishes.
 """
 from __future__ import annotations
 
@@ -16,9 +18,15 @@ from services.gpu_worker.lora.slot_weights import SlotWeights
 
 
 class AdapterCache:
-    def __init__(self, num_slots: int, build: Callable[[LoRAAdapter], SlotWeights]) -> None:
+    def __init__(
+        self,
+        num_slots: int,
+        build: Callable[[LoRAAdapter], SlotWeights],
+        free: Callable[[SlotWeights], None] | None = None,
+    ) -> None:
         self.num_slots = num_slots
         self._build = build  # lays an adapter out into slot weights on the device
+        self._free = free  # told when a slot's content is dropped (a device pool then reuses its rows)
         self.registered: dict[str, LoRAAdapter] = {}
         self.slots: list[SlotWeights | None] = [None] * num_slots
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapter -> slot, least recent first
@@ -100,7 +108,7 @@ class AdapterCache:
             return
         slot = self._slot_of.pop(name, None)
         if slot is not None:
-            self.slots[slot] = None
+            self._empty(slot)
 
     def _free_slot(self) -> int | None:
         for slot, weights in enumerate(self.slots):
@@ -109,9 +117,14 @@ class AdapterCache:
         for name in list(self._slot_of):  # least recently used first
             if not self._refs.get(name):
                 slot = self._slot_of.pop(name)
-                self.slots[slot] = None  # empty, so the slot stays reusable if the caller's build fails
+                self._empty(slot)  # empty, so the slot stays reusable if the caller's build fails
                 return slot
         return None
+
+    def _empty(self, slot: int) -> None:
+        weights, self.slots[slot] = self.slots[slot], None
+        if weights is not None and self._free is not None:
+            self._free(weights)
 
     @property
     def in_use(self) -> dict[str, int]:

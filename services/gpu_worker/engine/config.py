@@ -1,11 +1,17 @@
 """The engine's configuration: one dataclass, checked in `__post_init__`."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run in its interpreter (TRITON_INTERPRET=1): on the CPU, slowly, for tests."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
 
 
 class ConfigError(ValueError):
@@ -27,8 +33,13 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0  # KV cache budget when num_kv_blocks is None
     max_model_len: int | None = None  # context limit; None = the model's max_position_embeddings (capped by KV)
-    lora_backend: str = "torch"  # torch (reference); triton comes with the GPU path
+    # auto | torch | triton: multi-LoRA kernels (auto: triton on CUDA when triton imports, else the torch reference;
+    # triton on the CPU only under TRITON_INTERPRET=1, the Triton interpreter: slow, for tests)
+    lora_backend: str = "auto"
     num_threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
+    # auto | torch | triton: attention over the paged KV cache (auto: triton on CUDA, else the torch SDPA path;
+    # triton on the CPU only under TRITON_INTERPRET=1, the Triton interpreter: slow, for tests)
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -42,8 +53,12 @@ class EngineConfig:
             raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
-        if self.lora_backend not in ("torch",):
-            raise ConfigError(f"lora_backend must be 'torch' (triton arrives with the GPU path), got {self.lora_backend!r}")
+        for name in ("attention_backend", "lora_backend"):
+            value = getattr(self, name)
+            if value not in ("auto", "torch", "triton"):
+                raise ConfigError(f"{name} must be auto, torch or triton, got {value!r}")
+            if value == "triton" and self.torch_device().type != "cuda" and not triton_interpreting():
+                raise ConfigError(f"{name} 'triton' needs a CUDA device (or TRITON_INTERPRET=1: the interpreter)")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -57,3 +72,21 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
         return _DTYPES[self.dtype]
+
+    def resolved_lora_backend(self) -> str:
+        """'torch' or 'triton': the multi-LoRA backend the engine runs ('auto' resolved on the device)."""
+        if self.lora_backend == "auto":
+            if self.torch_device().type != "cuda":
+                return "torch"
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                return "torch"
+            return "triton"
+        return self.lora_backend
+
+    def resolved_attention_backend(self) -> str:
+        """'torch' or 'triton': the attention backend the engine runs ('auto' resolved on the device)."""
+        if self.attention_backend == "auto":
+            return "triton" if self.torch_device().type == "cuda" else "torch"
+        return self.attention_backend

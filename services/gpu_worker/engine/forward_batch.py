@@ -20,8 +20,24 @@ class PrefillSeqInfo:
     start: int  # first index of its tokens in the flat batch
     length: int  # tokens fed this step
     context: int  # tokens already in the KV cache before this step
+    # torch attention backend only (None under triton, which reads `ForwardBatch.paged_prefill`):
     slots: torch.Tensor | None  # [context + length] cache slots of the whole context; None when context == 0
     mask: torch.Tensor | None  # [length, context + length] bool: query j sees keys 0 .. context + j; None likewise
+
+
+@dataclass
+class PagedAttentionInfo:
+    """Block-table metadata of the triton attention backend, for a step's decodes or for its prefill chunks.
+
+    The kernels read the cache through the tables (services/gpu_worker/attention/triton_paged_attention.py).
+    """
+
+    block_size: int
+    block_tables: torch.Tensor  # [S, max_blocks] int32 cache blocks of each sequence in position order (0-padded)
+    context_lens: torch.Tensor  # [S] int32 decode: keys its query sees (itself included); prefill: cached before
+    query_start: torch.Tensor | None = None  # [S] int32 prefill only: flat index of each chunk's first token
+    query_lens: torch.Tensor | None = None  # [S] int32 prefill only: tokens of each chunk
+    max_query_len: int = 1  # prefill only: the longest chunk, on the host (the kernel grid needs no device sync)
 
 
 @dataclass
@@ -34,6 +50,9 @@ class ForwardBatch:
     decode_token_indices: torch.Tensor | None = None  # [B] flat indices of single-token (decode) sequences
     decode_slots: torch.Tensor | None = None  # [B, L] cache slots of each decode sequence's context (padded)
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool: True where the slot belongs to the context
+    # triton backend only (the torch backend uses the slots and masks above, and these stay None):
+    paged_decode: PagedAttentionInfo | None = None  # block tables of the decodes (rows: decode_token_indices)
+    paged_prefill: PagedAttentionInfo | None = None  # block tables of the prefill chunks (the order of `prefills`)
     lora: LoRABatchInfo | None = None  # adapter token ranges; None when no token uses an adapter
 
     @property

@@ -70,12 +70,24 @@ class LLMEngine:
             limit = min(limit, c.sliding_window)  # attention here is full-context: identical only within the window
         self.max_model_len = min(limit, num_blocks * config.block_size)
 
-        self.model = LlamaModel(resolved.path, c, dtype, device, max_positions=self.max_model_len)
+        self.model = LlamaModel(resolved.path, c, dtype, device, max_positions=self.max_model_len,
+                                attention_backend=config.resolved_attention_backend())
         self.base_shape = BaseModelShape.from_hf_config(c)
         widths = self.model.lora_part_widths()
-        self.adapters = AdapterCache(
-            config.max_loras, lambda a: build_slot_weights(a, c.num_hidden_layers, widths, dtype, device)
-        )
+        self.lora_backend = config.resolved_lora_backend()
+        if self.lora_backend == "triton":  # adapters live in a device pool the kernels index
+            from services.gpu_worker.lora.gpu_pool import LoRAGpuPool
+            from services.gpu_worker.lora.triton_backend import TritonLoRABackend
+
+            pool = LoRAGpuPool(c.num_hidden_layers, widths, LoRAGpuPool.in_features_from_widths(widths),
+                               config.max_loras, config.max_lora_rank, dtype, device)
+            self.model.lora_backend = TritonLoRABackend(pool)
+            log.info("LoRA: triton kernels, adapter pool %.1f MiB", pool.nbytes() / 2**20)
+            self.adapters = AdapterCache(config.max_loras, pool.build, pool.free)
+        else:
+            self.adapters = AdapterCache(
+                config.max_loras, lambda a: build_slot_weights(a, c.num_hidden_layers, widths, dtype, device)
+            )
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.adapters.slots)

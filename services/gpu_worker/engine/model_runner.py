@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from services.gpu_worker.engine.forward_batch import ForwardBatch, PrefillSeqInfo
+from services.gpu_worker.engine.forward_batch import ForwardBatch, PagedAttentionInfo, PrefillSeqInfo
 from services.gpu_worker.engine.sampler import sample
 from services.gpu_worker.engine.scheduler import ScheduledBatch
 from services.gpu_worker.engine.sequence import Sequence, TokenLogprob
@@ -26,6 +26,7 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
         self.lora_slots = lora_slots  # shared with the AdapterCache, which fills and empties the slots
+        self.paged = model.attention_backend == "triton"  # block tables for the kernels, not padded slot lists
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -43,12 +44,23 @@ class ModelRunner:
         mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
         return slots[:, :longest], mask
 
+    def _block_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        """[S, max_blocks] int32 on the device: each sequence's blocks, padded with 0 (never read: past its length)."""
+        padded = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.int32)
+        for r, t in enumerate(tables):
+            padded[r, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        return padded.to(self.device)
+
+    def _int32(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32).to(self.device)
+
     def prepare(self, sched: ScheduledBatch) -> tuple[ForwardBatch, list[int]]:
         """Build the step's ForwardBatch; also return the indices (into sched.seqs) of the sequences that sample."""
         order = sorted(range(len(sched.seqs)), key=lambda j: -1 if sched.seqs[j].adapter_slot is None else sched.seqs[j].adapter_slot)
         ids, positions, slots, logits_idx, samplers = [], [], [], [], []
         prefills: list[PrefillSeqInfo] = []
         decode_idx, decode_tables, decode_lens = [], [], []
+        prefill_tables: list[list[int]] = []
         segments: list[tuple[int, int, int]] = []
         for j in order:
             seq, n = sched.seqs[j], sched.num_tokens[j]
@@ -62,7 +74,9 @@ class ModelRunner:
                 decode_lens.append(ctx + 1)
             else:
                 ctx_slots = mask = None
-                if ctx:
+                if self.paged:
+                    prefill_tables.append(seq.block_table)
+                elif ctx:
                     ctx_slots = self._context_slots([seq.block_table], [ctx + n])[0][0].to(self.device)
                     mask = torch.ones(n, ctx + n, dtype=torch.bool, device=self.device).tril(ctx)
                 prefills.append(PrefillSeqInfo(start, n, ctx, ctx_slots, mask))
@@ -83,7 +97,19 @@ class ModelRunner:
             prefills=prefills,
             lora=LoRABatchInfo(segments) if segments else None,
         )
-        if decode_idx:
+        if batch.lora is not None:  # the LoRA backend's kernel metadata: once per step, not per layer
+            self.model.lora_backend.prepare(batch.lora, self.lora_slots)
+        bs = self.block_size
+        if prefills and self.paged:
+            batch.paged_prefill = PagedAttentionInfo(
+                bs, self._block_tables(prefill_tables), self._int32([p.context for p in prefills]),
+                self._int32([p.start for p in prefills]), self._int32([p.length for p in prefills]),
+                max(p.length for p in prefills),
+            )
+        if decode_idx and self.paged:
+            batch.decode_token_indices = torch.tensor(decode_idx, device=dev)
+            batch.paged_decode = PagedAttentionInfo(bs, self._block_tables(decode_tables), self._int32(decode_lens))
+        elif decode_idx:
             slots_, mask = self._context_slots(decode_tables, decode_lens)
             batch.decode_token_indices = torch.tensor(decode_idx, device=dev)
             batch.decode_slots = slots_.to(dev)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -9,3 +10,5 @@ class LoRABatchInfo:
     # (slot, start, end): tokens [start, end) of the flat batch use the adapter in `slot`; one range per adapter,
     # base-only tokens appear in none. Ranges never overlap.
     segments: list[tuple[int, int, int]]
+    # the LoRA backend's per-step kernel metadata, built once per step by its `prepare` (None for torch)
+    kernel_meta: Any = None

@@ -41,3 +41,13 @@ def apply_lora(
         ys = y[start:end]
         for part in gw.parts:
             lora_expand_(ys[:, part.out_start : part.out_end], t[:, part.rank_start : part.rank_end], part.b_scaled)
+
+
+class TorchLoRABackend:
+    """The backend interface the model calls (`prepare` once per step, `apply` per layer and group)."""
+
+    def prepare(self, info: LoRABatchInfo, slots: list[SlotWeights | None]) -> None:
+        pass  # works on views of the batch: no per-step metadata
+
+    def apply(self, y, x, slots, layer: int, group: str, info: LoRABatchInfo) -> None:
+        apply_lora(y, x, slots, layer, group, info)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from services.gpu_worker.engine.forward_batch import ForwardBatch
 from services.gpu_worker.lora.slot_weights import SlotWeights
-from services.gpu_worker.lora.torch_backend import apply_lora
+from services.gpu_worker.lora.torch_backend import TorchLoRABackend
 from services.gpu_worker.model.rope import apply_rope, rope_tables
 from services.gpu_worker.model.weights import ModelWeights, load_weights
 
@@ -26,7 +26,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class LlamaModel:
     """Weights plus the forward pass; holds no per-request state (that is in ForwardBatch and the KV cache)."""
 
-    def __init__(self, model_dir, config, dtype: torch.dtype, device: torch.device, max_positions: int) -> None:
+    def __init__(
+        self, model_dir, config, dtype: torch.dtype, device: torch.device, max_positions: int, lora_backend=None,
+        attention_backend: str = "torch",
+    ) -> None:
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -41,6 +44,11 @@ class LlamaModel:
         self.scale = self.head_dim**-0.5
         self.weights: ModelWeights = load_weights(model_dir, config, dtype, device)
         self.cos, self.sin = rope_tables(config, max_positions, device)
+        # prepare(info, slots) once per step, apply(y, x, slots, layer, group, info) per layer and group
+        self.lora_backend = lora_backend or TorchLoRABackend()
+        # "torch": SDPA over gathered cache slots (the CPU path and the oracle); "triton": the paged-attention
+        # kernels over block tables (services/gpu_worker/attention); the runner builds the matching metadata
+        self.attention_backend = attention_backend
 
     def lora_part_widths(self) -> dict[str, int]:
         """Output width of each LoRA target inside its fused projection."""
@@ -68,7 +76,7 @@ class LlamaModel:
             x = rms_norm(h, lw.input_norm, self.eps)
             qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # [T, q + 2 kv]
             if lora is not None:
-                apply_lora(qkv, x, lora_slots, i, "qkv", lora)
+                self.lora_backend.apply(qkv, x, lora_slots, i, "qkv", lora)
             q, k, v = qkv.split([self.q_width, self.kv_width, self.kv_width], dim=-1)
             q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
             k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
@@ -78,23 +86,25 @@ class LlamaModel:
             attn = self._attention(q, k, v, k_cache[i], v_cache[i], batch)  # [T, q_width]
             o = F.linear(attn, lw.o, lw.o_bias)
             if lora is not None:
-                apply_lora(o, attn, lora_slots, i, "o", lora)
+                self.lora_backend.apply(o, attn, lora_slots, i, "o", lora)
             h = h + o
             x = rms_norm(h, lw.post_norm, self.eps)
             gate_up = F.linear(x, lw.gate_up)
             if lora is not None:
-                apply_lora(gate_up, x, lora_slots, i, "gate_up", lora)
+                self.lora_backend.apply(gate_up, x, lora_slots, i, "gate_up", lora)
             gate, up = gate_up.split([self.intermediate, self.intermediate], dim=-1)
             act = F.silu(gate) * up
             down = F.linear(act, lw.down)
             if lora is not None:
-                apply_lora(down, act, lora_slots, i, "down", lora)
+                self.lora_backend.apply(down, act, lora_slots, i, "down", lora)
             h = h + down
         last = rms_norm(h[batch.logits_indices], w.norm, self.eps)
         return F.linear(last, w.lm_head).float()
 
     def _attention(self, q, k, v, k_layer, v_layer, batch: ForwardBatch) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D] (this step's); k_layer, v_layer: [slots, KVH, D] (the cache, already written)
+        if self.attention_backend == "triton":
+            return self._paged_attention(q, k_layer, v_layer, batch)
         out = torch.empty_like(q)
         for p in batch.prefills:
             qs = q[p.start : p.start + p.length].transpose(0, 1)  # [H, n, D]
@@ -114,4 +124,18 @@ class LlamaModel:
             vd = v_layer[batch.decode_slots].transpose(1, 2)
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=self.scale, enable_gqa=True)
             out[idx] = o.squeeze(2)
+        return out.view(q.shape[0], -1)
+
+    def _paged_attention(self, q, k_layer, v_layer, batch: ForwardBatch) -> torch.Tensor:
+        """The triton backend: prefill chunks and decodes read the cache through the step's block tables."""
+        from services.gpu_worker.attention.triton_paged_attention import paged_attention_decode, paged_attention_prefill
+
+        out = torch.empty_like(q)  # [T, H, D]: the prefill kernel writes its chunks' rows, the decodes the others
+        if (p := batch.paged_prefill) is not None:
+            paged_attention_prefill(q, k_layer, v_layer, p.block_tables, p.query_start, p.query_lens, p.context_lens,
+                                    p.max_query_len, p.block_size, self.scale, out=out)
+        if (d := batch.paged_decode) is not None:
+            idx = batch.decode_token_indices
+            out[idx] = paged_attention_decode(q[idx], k_layer, v_layer, d.block_tables, d.context_lens, d.block_size,
+                                              self.scale)
         return out.view(q.shape[0], -1)
