@@ -42,6 +42,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention-backend", choices=("auto", "torch", "triton"),
                        help="attention over the paged KV cache: Triton kernels or the torch SDPA path "
                             "(default: auto = triton on CUDA, torch on CPU)")
+    group.add_argument("--cpu-assist", choices=("off", "always"),
+                       help="CPU-assisted prefill: 'always' computes every prefill LoRA delta on cpu_prefill worker "
+                            "processes from a shared-memory adapter cache (default: off)")
+    group.add_argument("--cpu-workers", type=int, metavar="N",
+                       help="cpu_prefill worker processes with --cpu-assist always (default: 2)")
     group.add_argument("--data-dir", metavar="DIR",
                        help="cache for converted models, and the mesh's JetStream store "
                             "(default: $CARASERVE_DATA_DIR or ~/.cache/caraserve)")

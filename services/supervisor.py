@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from services.cpu_prefill.segments import cleanup_stale_segments
+
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "caraserve"  # services name their POSIX shared memory segments caraserve-...
@@ -143,6 +145,8 @@ class Supervisor:
             if child.process is not None and child.restart_at is None and child.process.poll() is not None:
                 code = child.process.returncode
                 _signal_group(child.process.pid, signal.SIGKILL)  # what it spawned goes with it
+                for name in cleanup_stale_segments():  # its shared memory (cpu_prefill channels, host cache)
+                    self._say(f"removed shared memory /dev/shm/{name} of a dead process")
                 child.crashes.append(now)
                 while child.crashes and now - child.crashes[0] > self.crash_window:
                     child.crashes.popleft()

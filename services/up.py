@@ -39,7 +39,7 @@ READY_TIMEOUT = 300.0  # seconds for the first gpu_worker to load the model and 
 POLL_INTERVAL = 0.2
 # Engine flags passed through to gpu_worker and adapter_store (none of them secret).
 _ENGINE_FLAGS = ("model", "served_model_name", "dtype", "device", "max_lora_rank", "max_loras", "max_num_seqs",
-                 "max_num_batched_tokens", "attention_backend", "lora_backend")
+                 "max_num_batched_tokens", "attention_backend", "lora_backend", "cpu_assist", "cpu_workers")
 # MeshConfig fields `up` does not hand to its children as they are: NATS is ours, worker ids are per worker.
 _NOT_PASSED = ("nats_url", "nats_port", "worker_id")
 _NATS_PASSWORD_ENV = "CARASERVE_UP_NATS_PASSWORD"  # the NATS child's password (environment, not argv)

@@ -228,7 +228,8 @@ def build_engine(args: argparse.Namespace):
     from shared.model_provisioning import ModelNotFoundError
 
     names = ("model", "served_model_name", "dtype", "device", "data_dir", "max_lora_rank", "max_loras",
-             "max_num_seqs", "max_num_batched_tokens", "attention_backend", "lora_backend")
+             "max_num_seqs", "max_num_batched_tokens", "attention_backend", "lora_backend", "cpu_assist",
+             "cpu_workers")
     settings = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     start = time.perf_counter()
     try:
@@ -280,10 +281,13 @@ def run_batch_command(args: argparse.Namespace) -> int:
         except UnicodeDecodeError:
             raise CLIError(f"--input: {args.input} is not UTF-8 text") from None
     engine = build_engine(args)
-    for name, path in modules:
-        load_adapter(engine, name, path)
-    start = time.perf_counter()
-    records = run_batch(engine, lines, progress=True)
+    try:
+        for name, path in modules:
+            load_adapter(engine, name, path)
+        start = time.perf_counter()
+        records = run_batch(engine, lines, progress=True)
+    finally:
+        engine.close()
     _write_jsonl(records, args.output)
     failed = sum(1 for r in records if r["error"] is not None or r["response"]["status_code"] != 200)
     print(f"{len(records)} requests ({failed} failed) in {time.perf_counter() - start:.1f}s -> {args.output}",
@@ -361,11 +365,14 @@ def format_table(rows: list[tuple[str, str, str]], width: int) -> str:
 
 def demo_command(args: argparse.Namespace) -> int:
     engine = build_engine(args)
-    adapters = _demo_adapters(engine)
-    models = [engine.model_name, *adapters]
-    questions = args.question or list(DEMO_QUESTIONS)
-    lines = demo_lines(models, questions, args.max_tokens)
-    records = run_batch(engine, lines, progress=True)
+    try:
+        adapters = _demo_adapters(engine)
+        models = [engine.model_name, *adapters]
+        questions = args.question or list(DEMO_QUESTIONS)
+        lines = demo_lines(models, questions, args.max_tokens)
+        records = run_batch(engine, lines, progress=True)
+    finally:
+        engine.close()
     if args.output:
         _write_jsonl(records, args.output)
     print()

@@ -338,9 +338,16 @@ def serve_command(args) -> int:
     args.served_model_name, args.data_dir = config.served_model_name, config.data_dir
     worker_id = config.worker_id or default_worker_id()
 
+    engines = []
+
     def build() -> GpuWorkerService:
         step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         engine = step_thread.submit(build_engine, args).result()  # loaded on the thread that will step it
+        engines.append(engine)
         return GpuWorkerService(engine, config, worker_id, step_thread)
 
-    return run_mesh_service(build, config, "gpu_worker")
+    try:
+        return run_mesh_service(build, config, "gpu_worker")
+    finally:
+        for engine in engines:
+            engine.close()  # cpu_prefill workers and shared-memory segments

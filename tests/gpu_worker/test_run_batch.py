@@ -36,6 +36,10 @@ class FakeEngine:
         self.added: list[tuple[str, object, str | None]] = []
         self.max_running = 0
         self.steps = 0
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     def adapter_names(self) -> list[str]:
         return ["ad"]

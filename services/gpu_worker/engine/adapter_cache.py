@@ -136,6 +136,13 @@ class AdapterCache:
         """Adapter -> unfinished requests that will use it."""
         return dict(self._pins)
 
+    def name_in_slot(self, slot: int) -> str | None:
+        """The adapter resident in `slot` (None if the slot is empty)."""
+        for name, s in self._slot_of.items():
+            if s == slot:
+                return name
+        return None
+
     @property
     def resident(self) -> list[str]:
         return list(self._slot_of)

@@ -40,6 +40,11 @@ class EngineConfig:
     # auto | torch | triton: attention over the paged KV cache (auto: triton on CUDA, else the torch SDPA path;
     # triton on the CPU only under TRITON_INTERPRET=1, the Triton interpreter: slow, for tests)
     attention_backend: str = "auto"
+    # off | always: CPU-assisted prefill (services/cpu_prefill). always: every prefill LoRA delta of an adapter is
+    # computed by `cpu_workers` worker processes from the host adapter cache (shared memory, `host_cache_gb`)
+    cpu_assist: str = "off"
+    cpu_workers: int = 2
+    host_cache_gb: float = 4.0
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -53,6 +58,13 @@ class EngineConfig:
             raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.cpu_assist not in ("off", "always"):
+            raise ConfigError(f"cpu_assist must be off or always, got {self.cpu_assist!r} "
+                              "(auto, for cold adapters on a GPU, arrives with the pipelined GPU loader)")
+        if self.cpu_workers < 1:
+            raise ConfigError(f"cpu_workers must be >= 1, got {self.cpu_workers}")
+        if self.host_cache_gb <= 0:
+            raise ConfigError(f"host_cache_gb must be > 0, got {self.host_cache_gb}")
         for name in ("attention_backend", "lora_backend"):
             value = getattr(self, name)
             if value not in ("auto", "torch", "triton"):

@@ -88,6 +88,14 @@ class LLMEngine:
             self.adapters = AdapterCache(
                 config.max_loras, lambda a: build_slot_weights(a, c.num_hidden_layers, widths, dtype, device)
             )
+        self.cpu_assist = None
+        if config.cpu_assist == "always":
+            from services.cpu_prefill.assist import CpuAssist
+
+            self.cpu_assist = CpuAssist(
+                self.model, self.adapters, c.num_hidden_layers, widths, num_workers=config.cpu_workers,
+                max_tokens=config.max_num_batched_tokens, host_cache_bytes=int(config.host_cache_gb * 2**30),
+            )
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.adapters.slots)
@@ -129,6 +137,8 @@ class LLMEngine:
             self.adapters.register(adapter)
         except ValueError as e:
             raise EngineRequestError(str(e)) from None
+        if self.cpu_assist is not None:
+            self.cpu_assist.add(adapter)
         return adapter
 
     def unload_adapter(self, name: str) -> None:
@@ -137,6 +147,8 @@ class LLMEngine:
             self.adapters.unregister(name)
         except KeyError:
             raise EngineRequestError(f"adapter {name!r} is not loaded") from None
+        if self.cpu_assist is not None:
+            self.cpu_assist.remove(name)  # its remaining prefills (if any) run on the device
 
     def adapter_names(self) -> list[str]:
         return sorted(self.adapters.registered)
@@ -192,6 +204,11 @@ class LLMEngine:
                           prompt_tokens=seq.prompt_len, completion_tokens=seq.num_generated)
         )
         return True
+
+    def close(self) -> None:
+        """Free what outlives the process's memory: the cpu_prefill workers and shared-memory segments."""
+        if self.cpu_assist is not None:
+            self.cpu_assist.close()
 
     def has_unfinished(self) -> bool:
         return bool(self._seqs) or bool(self._aborted)

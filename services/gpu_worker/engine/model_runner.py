@@ -98,7 +98,8 @@ class ModelRunner:
             lora=LoRABatchInfo(segments) if segments else None,
         )
         if batch.lora is not None:  # the LoRA backend's kernel metadata: once per step, not per layer
-            self.model.lora_backend.prepare(batch.lora, self.lora_slots)
+            self.model.lora_backend.prepare(batch.lora, self.lora_slots,
+                                            prefill_ranges=[(p.start, p.start + p.length) for p in prefills])
         bs = self.block_size
         if prefills and self.paged:
             batch.paged_prefill = PagedAttentionInfo(

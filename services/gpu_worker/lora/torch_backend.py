@@ -46,7 +46,8 @@ def apply_lora(
 class TorchLoRABackend:
     """The backend interface the model calls (`prepare` once per step, `apply` per layer and group)."""
 
-    def prepare(self, info: LoRABatchInfo, slots: list[SlotWeights | None]) -> None:
+    def prepare(self, info: LoRABatchInfo, slots: list[SlotWeights | None],
+                prefill_ranges: list[tuple[int, int]] | None = None) -> None:
         pass  # works on views of the batch: no per-step metadata
 
     def apply(self, y, x, slots, layer: int, group: str, info: LoRABatchInfo) -> None:

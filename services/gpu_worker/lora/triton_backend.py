@@ -35,7 +35,8 @@ class TritonLoRABackend:
         self.pool = pool
         self.launch = launch  # auto picks by mean segment length; the others force a shape (tests, benchmarks)
 
-    def prepare(self, info: LoRABatchInfo, slots: list[PoolHandle | None]) -> None:
+    def prepare(self, info: LoRABatchInfo, slots: list[PoolHandle | None],
+                prefill_ranges: list[tuple[int, int]] | None = None) -> None:
         """Build the step's kernel metadata into `info.kernel_meta` (once per step, before the forward)."""
         segs = [(slots[s].entry, start, end) for s, start, end in info.segments if slots[s] is not None and end > start]
         tokens = sum(end - start for _, start, end in segs)

@@ -68,8 +68,8 @@ def test_engine_triton_matches_torch(tiny_llama, monkeypatch, device):
     shapes = []  # per step: True for the per-token launch (decodes), False per segment (prefill chunks)
     prepare = TritonLoRABackend.prepare
 
-    def spy(self, info, slots):
-        prepare(self, info, slots)
+    def spy(self, info, slots, prefill_ranges=None):
+        prepare(self, info, slots, prefill_ranges)
         shapes.append(info.kernel_meta.launch.per_token)
 
     monkeypatch.setattr(TritonLoRABackend, "prepare", spy)

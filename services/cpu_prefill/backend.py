@@ -1,0 +1,143 @@
+"""`CpuAssistLoRABackend`: a LoRA backend that sends the prefill tokens of CPU-assisted adapters to the workers.
+
+Same contract as TorchLoRABackend / TritonLoRABackend: the runner calls `prepare(info, slots)` once per step and
+the model calls `apply(y, x, slots, layer, group, info)` per layer and fused group. For each adapter token range
+of the step:
+
+- its prefill tokens, when `host_adapter_of(slot)` names a host-cache copy (the adapter is CPU-assisted this step)
+  and `on_cpu(slot, layer)` holds (its layer group has not landed on the device yet), get their delta from the
+  cpu_prefill pool: y[range] += pool.compute_delta(host, layer, group, x[range]);
+- everything else — decode tokens, adapters not assisted, layers already loaded — goes to the inner backend, with
+  a LoRABatchInfo holding only those ranges (prepared lazily, once per distinct set, per step).
+
+`prefill_ranges` (token ranges [start, end) of the step's prefill chunks in the flat batch) tells prefill from
+decode; None treats every token as prefill (cpu_assist=always on a CPU machine with prefill-only steps).
+When the pool raises CpuAssistError (a worker died, stalled or failed) the range falls back to the inner backend
+for that call, after `on_fallback(slot)` (the engine's hook to wait for the adapter's load), with a warning.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from services.cpu_prefill.host_cache import HostAdapter
+from services.cpu_prefill.pool import CpuAssistError, CpuPrefillPool
+from services.gpu_worker.lora.batch_info import LoRABatchInfo
+
+log = logging.getLogger("caraserve.cpu_prefill.backend")
+
+Segment = tuple[int, int, int]  # (slot, start, end) as in LoRABatchInfo.segments
+
+
+@dataclass
+class CpuAssistStep:
+    """The backend's per-step context, kept on the step's LoRABatchInfo.kernel_meta."""
+
+    rest: list[Segment]  # ranges always on the inner backend (decode tokens, adapters not assisted)
+    assisted: list[tuple[Segment, HostAdapter]]  # prefill ranges of CPU-assisted adapters
+    slots: list  # the step's slot list, for preparing inner infos lazily
+    inner_infos: dict[tuple[Segment, ...], LoRABatchInfo | None] = field(default_factory=dict)
+
+
+def _split(segment: Segment, prefill: list[tuple[int, int]] | None) -> tuple[list[Segment], list[Segment]]:
+    """(prefill parts, other parts) of segment, given sorted disjoint prefill ranges (None: all prefill)."""
+    slot, start, end = segment
+    if prefill is None:
+        return [segment], []
+    pre, other, pos = [], [], start
+    for ps, pe in prefill:
+        s, e = max(ps, start), min(pe, end)
+        if s >= e:
+            continue
+        if s > pos:
+            other.append((slot, pos, s))
+        pre.append((slot, s, e))
+        pos = e
+    if pos < end:
+        other.append((slot, pos, end))
+    return pre, other
+
+
+class CpuAssistLoRABackend:
+    """The model's LoRA backend while CPU assist is on: workers for assisted prefill ranges, `inner` for the rest."""
+
+    def __init__(
+        self,
+        inner,
+        pool: CpuPrefillPool,
+        host_adapter_of: Callable[[int], HostAdapter | None],
+        on_cpu: Callable[[int, int], bool] | None = None,
+        on_fallback: Callable[[int], None] | None = None,
+    ) -> None:
+        self.inner = inner  # TorchLoRABackend or TritonLoRABackend: decode, resident adapters, fallback
+        self.pool = pool
+        self.host_adapter_of = host_adapter_of  # slot -> its host-cache copy if CPU-assisted this step, else None
+        self.on_cpu = on_cpu  # (slot, layer) -> whether that layer's LoRA still runs on the CPU; None: always
+        self.on_fallback = on_fallback  # called with the slot before a range falls back to the inner backend
+        self.fallbacks = 0  # ranges that fell back (a counter for tests and metrics)
+        self.cpu_ranges = 0  # ranges whose delta the workers computed (likewise)
+
+    def prepare(
+        self, info: LoRABatchInfo, slots: list, prefill_ranges: list[tuple[int, int]] | None = None
+    ) -> None:
+        """Split the step's ranges into CPU-assisted prefill ranges and the rest; keep them in info.kernel_meta."""
+        prefill = sorted(prefill_ranges) if prefill_ranges is not None else None
+        rest: list[Segment] = []
+        assisted: list[tuple[Segment, HostAdapter]] = []
+        for seg in info.segments:
+            if seg[2] <= seg[1]:
+                continue
+            host = self.host_adapter_of(seg[0])
+            if host is None:
+                rest.append(seg)
+                continue
+            pre, other = _split(seg, prefill)
+            assisted.extend((p, host) for p in pre)
+            rest.extend(other)
+        step = CpuAssistStep(rest, assisted, slots)
+        info.kernel_meta = step
+        self._inner_info(step, ())  # the common case (every assisted range on the CPU), prepared up front
+
+    def _inner_info(self, step: CpuAssistStep, extra: tuple[Segment, ...]) -> LoRABatchInfo | None:
+        """The inner backend's prepared info for step.rest plus `extra` (None when that holds no range)."""
+        if extra not in step.inner_infos:
+            segments = sorted(step.rest + list(extra), key=lambda s: s[1])
+            sub = None
+            if segments:
+                sub = LoRABatchInfo(segments)
+                self.inner.prepare(sub, step.slots)
+            step.inner_infos[extra] = sub
+        return step.inner_infos[extra]
+
+    def apply(
+        self, y: torch.Tensor, x: torch.Tensor, slots: list, layer: int, group: str, info: LoRABatchInfo
+    ) -> None:
+        """y [T, out] += every adapter's LoRA delta for `group` of `layer`, given the group input x [T, in]."""
+        step = info.kernel_meta
+        if not isinstance(step, CpuAssistStep):
+            raise RuntimeError("CpuAssistLoRABackend.prepare was not called for this step")
+        on_cpu, on_gpu = [], []
+        for seg, host in step.assisted:
+            (on_cpu if self.on_cpu is None or self.on_cpu(seg[0], layer) else on_gpu).append((seg, host))
+        failed: list[Segment] = []
+        for (slot, start, end), host in on_cpu:
+            if host.layers[layer].get(group) is None:
+                continue  # the adapter does not target this group in this layer
+            try:  # adds into y[start:end] only once every slice is back; untouched when it raises
+                self.pool.compute_delta(host, layer, group, x[start:end], out_features=y.shape[1],
+                                        add_to=y[start:end])
+                self.cpu_ranges += 1
+            except CpuAssistError as e:
+                log.warning("CPU-assisted LoRA failed for layer %d %s (slot %d, tokens %d-%d): %s; "
+                            "falling back", layer, group, slot, start, end, e)
+                self.fallbacks += 1
+                if self.on_fallback is not None:
+                    self.on_fallback(slot)
+                failed.append((slot, start, end))
+        extra = tuple(seg for seg, _ in on_gpu) + tuple(failed)
+        sub = self._inner_info(step, tuple(sorted(extra, key=lambda s: s[1])))
+        if sub is not None:
+            self.inner.apply(y, x, slots, layer, group, sub)

@@ -1,0 +1,305 @@
+"""CPU-assisted prefill: worker pool deltas vs the torch reference, failure handling, and the LoRA backend.
+
+Run with OMP_NUM_THREADS=1 (the workers are single-threaded anyway; the test process should not oversubscribe).
+Every test checks that its pools leave no worker process and no /dev/shm segment behind.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the spawned workers (they also set 1 torch thread)
+
+from services.cpu_prefill.backend import CpuAssistLoRABackend
+from services.cpu_prefill.handoff import DONE_SEQ, REQ_SEQ
+from services.cpu_prefill.host_cache import HostAdapterCache
+from services.cpu_prefill.pool import CpuAssistTimeout, CpuPrefillPool
+from services.cpu_prefill.segments import SHM_DIR, pid_alive
+from services.gpu_worker.lora.batch_info import LoRABatchInfo
+from services.gpu_worker.lora.slot_weights import PROJECTION_GROUPS, build_slot_weights
+from services.gpu_worker.lora.torch_backend import TorchLoRABackend
+from shared.adapters import LoRAAdapter, LoRAModuleWeights
+
+NUM_LAYERS = 2
+HIDDEN, KV, INTER = 64, 32, 96
+WIDTHS = {"q_proj": HIDDEN, "k_proj": KV, "v_proj": KV, "o_proj": HIDDEN, "gate_proj": INTER, "up_proj": INTER,
+          "down_proj": HIDDEN}
+IN_FEATURES = {"q_proj": HIDDEN, "k_proj": HIDDEN, "v_proj": HIDDEN, "o_proj": HIDDEN, "gate_proj": HIDDEN,
+               "up_proj": HIDDEN, "down_proj": INTER}
+GROUP_IN = {"qkv": HIDDEN, "o": HIDDEN, "gate_up": HIDDEN, "down": INTER}
+GROUP_OUT = {"qkv": HIDDEN + 2 * KV, "o": HIDDEN, "gate_up": 2 * INTER, "down": HIDDEN}
+MAX_TOKENS = 48
+
+# name -> (module -> rank): ranks 1..64, different target sets (and a per-module rank, as rank_pattern gives)
+ADAPTERS = {
+    "r1-qv": {"q_proj": 1, "v_proj": 1},
+    "r16-all": {"q_proj": 16, "k_proj": 7, "v_proj": 16, "o_proj": 16, "gate_proj": 16, "up_proj": 3,
+                "down_proj": 16},
+    "r64-mlp-o": {"o_proj": 64, "gate_proj": 64, "down_proj": 64},
+}
+
+
+def make_adapter(name: str, ranks: dict[str, int], seed: int) -> LoRAAdapter:
+    g = torch.Generator().manual_seed(seed)
+    modules = [
+        LoRAModuleWeights(layer, module, torch.randn(r, IN_FEATURES[module], generator=g) * 0.2,
+                          torch.randn(WIDTHS[module], r, generator=g) * 0.2, scale=2.0 / r ** 0.5)
+        for layer in range(NUM_LAYERS) for module, r in ranks.items()
+    ]
+    return LoRAAdapter(name=name, path=Path(name), config={}, modules=modules)
+
+
+@pytest.fixture(scope="module")
+def adapters() -> list[LoRAAdapter]:
+    return [make_adapter(name, ranks, seed) for seed, (name, ranks) in enumerate(ADAPTERS.items())]
+
+
+@pytest.fixture(scope="module")
+def host_cache(adapters):
+    cache = HostAdapterCache(64 << 20)
+    hosts = [cache.put(a, NUM_LAYERS, WIDTHS) for a in adapters]
+    yield cache, hosts
+    cache.close()
+    assert not [h.segment for h in hosts if (SHM_DIR / h.segment).exists()], "an adapter segment was left behind"
+
+
+@pytest.fixture(scope="module")
+def slot_weights(adapters):
+    return [build_slot_weights(a, NUM_LAYERS, WIDTHS, torch.float32, torch.device("cpu")) for a in adapters]
+
+
+def new_pool(workers: int, **kwargs) -> CpuPrefillPool:
+    return CpuPrefillPool(workers, MAX_TOKENS, max(GROUP_IN.values()), max(GROUP_OUT.values()), **kwargs)
+
+
+def assert_closed_clean(pool: CpuPrefillPool, pids: list[int], names: list[str]) -> None:
+    pool.close()
+    for name in names:
+        assert not (SHM_DIR / name).exists(), f"channel {name} left behind"
+    for pid in pids:
+        assert not pid_alive(pid), f"worker {pid} still alive"
+
+
+def reference_delta(sw, layer: int, group: str, x: torch.Tensor) -> torch.Tensor:
+    # torch_backend semantics on a zero output: the delta to add, x @ Aᵀ @ (sB)ᵀ per part
+    y = torch.zeros(x.shape[0], GROUP_OUT[group])
+    TorchLoRABackend().apply(y, x, [sw], layer, group, LoRABatchInfo([(0, 0, x.shape[0])]))
+    return y
+
+
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda n: f"{n}workers")
+def pool(request):
+    p = new_pool(request.param)
+    pids, names = p.pids(), p.segment_names()
+    yield p
+    assert_closed_clean(p, pids, names)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 37, 2 * MAX_TOKENS + 5])
+def test_pool_delta_matches_torch_reference(pool, host_cache, slot_weights, tokens):
+    _, hosts = host_cache
+    g = torch.Generator().manual_seed(tokens)
+    for host, sw in zip(hosts, slot_weights):
+        for layer in range(NUM_LAYERS):
+            for group in PROJECTION_GROUPS:
+                x = torch.randn(tokens, GROUP_IN[group], generator=g)
+                delta = pool.compute_delta(host, layer, group, x, out_features=GROUP_OUT[group])
+                expected = reference_delta(sw, layer, group, x)
+                assert delta.shape == expected.shape
+                torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-5)
+                y = torch.randn(tokens, GROUP_OUT[group], generator=g)
+                got = pool.compute_delta(host, layer, group, x, out_features=GROUP_OUT[group], add_to=y.clone())
+                torch.testing.assert_close(got, y + expected, rtol=1e-5, atol=1e-5)
+    assert pool.alive() == len(pool.pids())
+    if tokens >= len(pool.pids()):  # the tokens were split: every worker answered tasks
+        assert all(w.channel.ctrl[DONE_SEQ] > 0 for w in pool._workers)
+
+
+def test_killed_worker_raises_quickly_and_leaves_nothing(host_cache, slot_weights):
+    _, hosts = host_cache
+    p = new_pool(2, timeout_s=30.0)
+    pids, names = p.pids(), p.segment_names()
+    victim = p._workers[0]
+    os.kill(victim.process.pid, signal.SIGSTOP)  # it cannot answer: the kill below lands mid-task for sure
+
+    def kill_when_submitted() -> None:
+        deadline = time.monotonic() + 10
+        while victim.channel.ctrl[REQ_SEQ] == victim.channel.ctrl[DONE_SEQ] and time.monotonic() < deadline:
+            time.sleep(1e-4)
+        os.kill(victim.process.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_submitted)
+    killer.start()
+    x = torch.randn(20, HIDDEN)
+    t0 = time.monotonic()
+    with pytest.raises(CpuAssistTimeout):
+        p.compute_delta(hosts[1], 0, "qkv", x, out_features=GROUP_OUT["qkv"])
+    elapsed = time.monotonic() - t0
+    killer.join()
+    assert elapsed < 2.0, f"took {elapsed:.2f} s to notice a dead worker (timeout 30 s)"
+    assert p.alive() == 1
+    assert not (SHM_DIR / names[0]).exists()  # the dead worker's channel is unlinked at once
+    # the survivor takes every token
+    delta = p.compute_delta(hosts[1], 0, "qkv", x, out_features=GROUP_OUT["qkv"])
+    torch.testing.assert_close(delta, reference_delta(slot_weights[1], 0, "qkv", x), rtol=1e-5, atol=1e-5)
+    p.add_workers(1)  # the node scales back up while serving
+    assert p.alive() == 2
+    delta = p.compute_delta(hosts[2], 1, "gate_up", x, out_features=GROUP_OUT["gate_up"])
+    torch.testing.assert_close(delta, reference_delta(slot_weights[2], 1, "gate_up", x), rtol=1e-5, atol=1e-5)
+    assert_closed_clean(p, pids + p.pids(), names + p.segment_names())
+
+
+def test_stalled_worker_times_out(host_cache):
+    _, hosts = host_cache
+    p = new_pool(1, timeout_s=0.3)
+    pids, names = p.pids(), p.segment_names()
+    os.kill(pids[0], signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(CpuAssistTimeout):
+        p.compute_delta(hosts[0], 1, "qkv", torch.randn(4, HIDDEN), out_features=GROUP_OUT["qkv"])
+    assert 0.25 < time.monotonic() - t0 < 3.0
+    assert p.alive() == 0
+    with pytest.raises(CpuAssistTimeout):  # nobody left: refuse at once
+        p.compute_delta(hosts[0], 1, "qkv", torch.randn(4, HIDDEN), out_features=GROUP_OUT["qkv"])
+    assert_closed_clean(p, pids, names)
+
+
+# ---- the backend ---------------------------------------------------------------------------------------------
+# flat batch of 40 tokens: adapter 0 prefill [0, 9) + decode [9, 11); base-only [11, 14); adapter 1 prefill
+# [14, 30); adapter 2 decode [30, 32) + prefill [32, 40)
+SEGMENTS = [(0, 0, 11), (1, 14, 30), (2, 30, 40)]
+PREFILLS = [(0, 9), (11, 14), (14, 30), (32, 40)]
+T = 40
+
+
+def run_model_layers(backend, slots, info: LoRABatchInfo, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    for layer in range(NUM_LAYERS):
+        for group in PROJECTION_GROUPS:
+            x = torch.randn(T, GROUP_IN[group], generator=g)
+            y = torch.randn(T, GROUP_OUT[group], generator=g)
+            backend.apply(y, x, slots, layer, group, info)
+            outs.append(y)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def pool2():
+    p = new_pool(2)
+    pids, names = p.pids(), p.segment_names()
+    yield p
+    assert_closed_clean(p, pids, names)
+
+
+def test_task_failure_is_reported_and_the_worker_keeps_serving(pool2, host_cache, slot_weights):
+    import dataclasses
+
+    from services.cpu_prefill.pool import CpuAssistError
+
+    _, hosts = host_cache
+    missing = dataclasses.replace(hosts[0], segment=f"caraserve-{os.getpid()}-nosuchsegment")
+    x = torch.randn(6, HIDDEN)
+    with pytest.raises(CpuAssistError) as err:
+        pool2.compute_delta(missing, 0, "qkv", x, out_features=GROUP_OUT["qkv"])
+    assert not isinstance(err.value, CpuAssistTimeout)
+    assert pool2.alive() == 2
+    delta = pool2.compute_delta(hosts[0], 0, "qkv", x, out_features=GROUP_OUT["qkv"])
+    torch.testing.assert_close(delta, reference_delta(slot_weights[0], 0, "qkv", x), rtol=1e-5, atol=1e-5)
+
+
+def expected_outputs(slot_weights) -> list[torch.Tensor]:
+    return run_model_layers(TorchLoRABackend(), slot_weights, LoRABatchInfo(SEGMENTS))
+
+
+def test_backend_matches_torch_backend(pool2, host_cache, slot_weights):
+    _, hosts = host_cache
+    backend = CpuAssistLoRABackend(TorchLoRABackend(), pool2, lambda slot: hosts[slot])
+    info = LoRABatchInfo(SEGMENTS)
+    backend.prepare(info, slot_weights, prefill_ranges=PREFILLS)
+    for got, want in zip(run_model_layers(backend, slot_weights, info), expected_outputs(slot_weights)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert backend.fallbacks == 0
+
+
+def test_backend_routes_prefill_to_workers_and_decode_to_inner(pool2, host_cache, slot_weights):
+    """With the adapters absent from the inner backend's slots, only the workers can produce prefill deltas."""
+    _, hosts = host_cache
+    backend = CpuAssistLoRABackend(TorchLoRABackend(), pool2, lambda slot: hosts[slot])
+    absent = [None] * len(slot_weights)
+    info = LoRABatchInfo(SEGMENTS)
+    backend.prepare(info, absent, prefill_ranges=PREFILLS)
+    got = run_model_layers(backend, absent, info)
+    want = expected_outputs(slot_weights)
+    base = run_model_layers(TorchLoRABackend(), absent, LoRABatchInfo(SEGMENTS))  # y untouched
+    decode_rows = [9, 10, 30, 31]
+    prefill_rows = [r for r in range(T) if r not in decode_rows]
+    for g, w, b in zip(got, want, base):
+        torch.testing.assert_close(g[prefill_rows], w[prefill_rows], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g[decode_rows], b[decode_rows])  # decode went to the inner backend only
+
+
+def test_backend_pipelined_layers_and_fallback(host_cache, slot_weights):
+    """Layer 1 'landed' (inner backend), layer 0 on the CPU; then a dead worker: every range falls back."""
+    _, hosts = host_cache
+    p = new_pool(1, timeout_s=5.0)
+    pids, names = p.pids(), p.segment_names()
+    calls = []
+    backend = CpuAssistLoRABackend(TorchLoRABackend(), p, lambda slot: hosts[slot],
+                                   on_cpu=lambda slot, layer: layer == 0, on_fallback=calls.append)
+    info = LoRABatchInfo(SEGMENTS)
+    backend.prepare(info, slot_weights, prefill_ranges=None)
+    want = expected_outputs(slot_weights)
+    for got, w in zip(run_model_layers(backend, slot_weights, info), want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+    assert backend.fallbacks == 0
+
+    os.kill(pids[0], signal.SIGKILL)
+    info = LoRABatchInfo(SEGMENTS)
+    backend.prepare(info, slot_weights)
+    for got, w in zip(run_model_layers(backend, slot_weights, info), want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+    assert backend.fallbacks > 0 and set(calls) <= {0, 1, 2} and calls
+    assert_closed_clean(p, pids, names)
+
+
+ENGINE_SCRIPT = """
+import json, sys, time
+from services.cpu_prefill.pool import CpuPrefillPool
+if __name__ == "__main__":
+    pool = CpuPrefillPool(2, 4, 8, 8)
+    print(json.dumps({"pids": pool.pids(), "segments": pool.segment_names()}), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_workers_exit_when_the_engine_dies(tmp_path):
+    """An engine killed with SIGKILL: its workers notice (reparented) and exit; its segments can be cleaned up."""
+    import json
+    import subprocess
+    import sys
+
+    from services.cpu_prefill.segments import cleanup_stale_segments
+
+    script = tmp_path / "engine.py"
+    script.write_text(ENGINE_SCRIPT)
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    engine = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env, cwd=repo)
+    try:
+        info = json.loads(engine.stdout.readline())
+    finally:
+        engine.kill()
+        engine.wait()
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in info["pids"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(pid_alive(p) for p in info["pids"]), "a worker outlived its engine"
+    cleanup_stale_segments()  # the supervisor's job (the engine's resource tracker may already have done it)
+    assert not [s for s in info["segments"] if (SHM_DIR / s).exists()]

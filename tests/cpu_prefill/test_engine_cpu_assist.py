@@ -1,0 +1,109 @@
+"""The engine with cpu_assist=always (every prefill LoRA delta on cpu_prefill worker processes) against
+cpu_assist=off: same greedy tokens and logprobs for adapters of several ranks and target sets, several requests in
+one step, 1, 2 and 4 workers; a killed worker falls back; nothing is left in /dev/shm after close()."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.gpu_worker.engine.config import ConfigError, EngineConfig
+from services.gpu_worker.engine.llm_engine import LLMEngine
+from services.gpu_worker.engine.sequence import SamplingParams
+from helpers.lora_factory import make_random_adapter
+
+ADAPTERS = {  # name -> LoraConfig kwargs
+    "r4-attn": dict(r=4, target_modules=["q_proj", "v_proj"]),
+    "r16-all": dict(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"]),
+    "r8-mlp": dict(r=8, target_modules=["gate_proj", "up_proj", "down_proj"], use_rslora=True),
+}
+PROMPTS = [[5, 17, 99, 3, 42, 7, 8, 1, 2, 64, 33], [11, 12, 13], list(range(40, 75)), [7, 7, 7, 7, 9]]
+MODELS = ["r4-attn", "r16-all", None, "r8-mlp"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, default_model_path) -> tuple[Path, dict[str, Path]]:
+    """A tiny random Llama (GQA) with the default model's tokenizer, and three random adapters."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval()
+    root = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(root / "model")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(default_model_path) / f).exists():
+            shutil.copy(Path(default_model_path) / f, root / "model" / f)
+    adapters = {name: make_random_adapter(model, root / name, seed=i, b_std=0.2, **kw)
+                for i, (name, kw) in enumerate(ADAPTERS.items())}
+    return root / "model", adapters
+
+
+def run(tiny_model, **config) -> tuple[list, LLMEngine]:
+    model_dir, adapters = tiny_model
+    engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=64, block_size=8, max_num_batched_tokens=24,
+                                    **config))
+    try:
+        for name, path in adapters.items():
+            engine.load_adapter(name, path)
+        results = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, logprobs=True), MODELS)
+    except BaseException:
+        engine.close()
+        raise
+    return results, engine
+
+
+def shm_entries() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob(f"caraserve-{os.getpid()}-*")}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    results, engine = run(tiny_model, cpu_assist="off")
+    engine.close()
+    return results
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_always_equals_off(tiny_model, reference, workers):
+    before = shm_entries()
+    results, engine = run(tiny_model, cpu_assist="always", cpu_workers=workers)
+    try:
+        assert engine.cpu_assist.pool.alive() == workers
+        assert engine.cpu_assist.fallbacks == 0
+        assert engine.cpu_assist.backend.cpu_ranges > 0  # the workers really computed the prefill deltas
+    finally:
+        engine.close()
+    for got, want in zip(results, reference):
+        assert got.token_ids == want.token_ids
+        assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+    assert shm_entries() <= before  # every segment (host cache, channels) unlinked
+
+
+def test_killed_worker_falls_back_and_completes(tiny_model, reference):
+    model_dir, adapters = tiny_model
+    engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=64, block_size=8, max_num_batched_tokens=24,
+                                    cpu_assist="always", cpu_workers=2))
+    try:
+        for name, path in adapters.items():
+            engine.load_adapter(name, path)
+        os.kill(engine.cpu_assist.pool.pids()[0], signal.SIGKILL)
+        results = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, logprobs=True), MODELS)
+        assert engine.cpu_assist.fallbacks >= 1
+    finally:
+        engine.close()
+    assert [r.token_ids for r in results] == [r.token_ids for r in reference]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError, match="cpu_assist must be off or always"):
+        EngineConfig(cpu_assist="sometimes")
+    with pytest.raises(ConfigError, match="cpu_workers must be >= 1"):
+        EngineConfig(cpu_assist="always", cpu_workers=0)
