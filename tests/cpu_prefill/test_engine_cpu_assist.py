@@ -8,7 +8,6 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 
 from services.gpu_worker.engine.config import ConfigError, EngineConfig
 from services.gpu_worker.engine.llm_engine import LLMEngine
@@ -28,19 +27,12 @@ MODELS = ["r4-attn", "r16-all", None, "r8-mlp"]
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, default_model_path) -> tuple[Path, dict[str, Path]]:
     """A tiny random Llama (GQA) with the default model's tokenizer, and three random adapters."""
-    import shutil
+    from helpers.tiny_models import save_tiny_llama
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = LlamaForCausalLM(config).eval()
     root = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(root / "model")
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (Path(default_model_path) / f).exists():
-            shutil.copy(Path(default_model_path) / f, root / "model" / f)
+    model = save_tiny_llama(root / "model", default_model_path, vocab_size=128, hidden_size=64,
+                            intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=256, initializer_range=0.02)
     adapters = {name: make_random_adapter(model, root / name, seed=i, b_std=0.2, **kw)
                 for i, (name, kw) in enumerate(ADAPTERS.items())}
     return root / "model", adapters

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 
 import pytest
 import torch
@@ -200,25 +199,16 @@ def test_wrappers_refuse_bad_inputs():
 # ---- the engine ----
 
 VOCAB = 256
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 @pytest.fixture(scope="module")
 def tiny_gqa_llama(tmp_path_factory, default_model_path):
     """A tiny random Llama with GQA (6 heads over 2 kv heads: group 3) and head_dim 20 (padded in the kernels)."""
-    import transformers
+    from helpers.tiny_models import save_tiny_llama
 
     out = tmp_path_factory.mktemp("tiny-gqa-llama")
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=120, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
-        intermediate_size=160, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        initializer_range=0.15,  # HF's 0.02 gives near-uniform logits: greedy would be decided by ties
-    )
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
-    for f in TOKENIZER_FILES:
-        if (default_model_path / f).is_file():
-            shutil.copy(default_model_path / f, out / f)
+    save_tiny_llama(out, default_model_path, vocab_size=VOCAB, hidden_size=120, num_hidden_layers=2,
+                    num_attention_heads=6, num_key_value_heads=2, intermediate_size=160, max_position_embeddings=256)
     return out
 
 

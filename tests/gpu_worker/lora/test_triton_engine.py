@@ -3,7 +3,6 @@ same greedy tokens for a batch mixing adapters of different ranks and targets wi
 chunked prefill and decode steps. Plus the backend setting and its CLI flag."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from services.gpu_worker.lora.triton_backend import TritonLoRABackend
 
 VOCAB = 512
 MAX_NEW = 6
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 ADAPTERS = {  # name -> LoraConfig kwargs: ranks 2..16, different targets, rsLoRA scaling
     "qv": dict(r=2, target_modules=["q_proj", "v_proj"]),
     "all": dict(r=16, target_modules="all-linear"),
@@ -28,20 +26,12 @@ ADAPTERS = {  # name -> LoraConfig kwargs: ranks 2..16, different targets, rsLoR
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory, default_model_path):
     """A tiny random GQA Llama (hidden 48, odd intermediate 72) saved as an HF directory, and three adapters."""
-    import transformers
+    from helpers.tiny_models import save_tiny_llama
 
     root = tmp_path_factory.mktemp("tiny_llama")
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        initializer_range=0.15,  # HF's 0.02 gives near-uniform logits: greedy would be decided by ties
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    model.save_pretrained(root / "model", safe_serialization=True)
-    for f in TOKENIZER_FILES:
-        if (default_model_path / f).is_file():
-            shutil.copy(default_model_path / f, root / "model" / f)
+    model = save_tiny_llama(root / "model", default_model_path, vocab_size=VOCAB, hidden_size=48,
+                            intermediate_size=72, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=128)
     adapters = {name: make_random_adapter(model, root / name, seed=i, b_std=0.4 / kw["r"] ** 0.5, **kw)
                 for i, (name, kw) in enumerate(ADAPTERS.items())}
     return root / "model", adapters
