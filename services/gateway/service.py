@@ -61,6 +61,9 @@ class GatewayService:
             raise OSError(exc.errno, f"cannot listen on {self.config.host}:{self.config.port}: "
                                      f"{exc.strerror or exc}") from None
         self.port = self.runner.addresses[0][1]
+        if self.config.api_key is None:
+            log.warning("no API key configured (--api-key / CARASERVE_API_KEY): /v1 inference routes are open "
+                        "to anyone who can reach %s:%d", self.config.host, self.port)
         log.info("gateway %s listening on http://%s:%d", self.mesh.gateway_id, self.config.host, self.port)
 
     async def stop(self) -> None:
