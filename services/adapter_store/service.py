@@ -53,6 +53,7 @@ class AdapterStoreService:
         for subject, message_type, handler in routes:
             self._subs.append(await subscribe_handler(nc, subject, (message_type,), handler, queue=ADAPTER_STORE_QUEUE,
                                                       span_name=f"adapter_store {subject.rsplit('.', 1)[-1]}"))
+        await nc.flush()  # the server has the subscriptions: "started" means requests find us
 
     async def stop(self) -> None:
         """Stop taking requests; a request being handled finishes (up to _DRAIN_TIMEOUT_S)."""

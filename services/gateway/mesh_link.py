@@ -88,6 +88,7 @@ class GatewayMesh:
                                                   self._on_adapter_event))
         self._watchdog = asyncio.create_task(self._watch_workers(), name="gateway-watchdog")
         self._heartbeats = asyncio.create_task(self._send_heartbeats(), name="gateway-heartbeats")
+        await self.nc.flush()  # the server has the subscriptions before the first request goes out
 
     async def _send_heartbeats(self) -> None:
         """Tell the workers this gateway still reads its streams (they abort the requests of a silent one)."""

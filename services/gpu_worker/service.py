@@ -117,6 +117,7 @@ class GpuWorkerService:
                                     span_name="worker.adapter_event"),
             await nc.subscribe(SUBJECT_GATEWAY_HEARTBEAT, cb=self.on_gateway_heartbeat),  # frequent: no span
         ]
+        await nc.flush()  # the server has the subscriptions before we announce ourselves
         self._accepting = True
         self._tasks = [asyncio.create_task(self._engine_loop()), asyncio.create_task(self._heartbeat_loop())]
         await self._publish_heartbeat()

@@ -51,6 +51,7 @@ class SchedulerService:
                                     queue=SCHEDULER_QUEUE, span_name="scheduler.place"),
         ]
         self._watchdog = asyncio.create_task(self._watch_workers())
+        await nc.flush()  # the server has the subscriptions: "started" means requests find us
 
     async def stop(self) -> None:
         for sub in self._subs:
