@@ -20,6 +20,7 @@ Trace context (W3C traceparent) rides in NATS headers, not in these messages.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,10 @@ ADAPTER_STORE_QUEUE = "adapter_store"  # queue group of the store replicas
 ADAPTER_BLOB_BUCKET = "caraserve_adapter_blobs"  # JetStream object store: adapter files
 ADAPTER_META_BUCKET = "caraserve_adapter_meta"  # JetStream key-value: adapter name -> AdapterInfo
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # the PEFT files of one adapter
+
+
+# A valid adapter name: it is a `model` value, a KV key, part of object names and of a worker's cache path
+ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def worker_subject(worker_id: str, verb: str) -> str:

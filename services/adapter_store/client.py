@@ -25,14 +25,11 @@ from nats.js.object_store import ObjectStore
 
 from shared.nats_client import MeshError, request
 from shared.protocol import (
-    ADAPTER_BLOB_BUCKET, ADAPTER_FILES, SUBJECT_ADAPTER_DELETE, SUBJECT_ADAPTER_GET, SUBJECT_ADAPTER_LIST,
+    ADAPTER_BLOB_BUCKET, ADAPTER_FILES, ADAPTER_NAME_PATTERN, SUBJECT_ADAPTER_DELETE, SUBJECT_ADAPTER_GET, SUBJECT_ADAPTER_LIST,
     SUBJECT_ADAPTER_REGISTER, AdapterInfo, AdapterList, AdapterQuery, ListAdapters, RegisterAdapter,
     adapter_object_name, staging_object_name,
 )
 
-# The engine's adapter-name rule (services/gpu_worker/engine/llm_engine.py _ADAPTER_NAME), repeated here so the
-# gateway need not import the engine; tests/adapter_store checks the two agree.
-ADAPTER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SAFETENSORS = "adapter_model.safetensors"
 
 

@@ -25,10 +25,12 @@ from nats.js.errors import BadRequestError, BucketNotFoundError, KeyWrongLastSeq
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from services.adapter_store.client import ADAPTER_NAME_PATTERN, SAFETENSORS, open_blob_bucket
+from services.adapter_store.client import SAFETENSORS, open_blob_bucket
 from shared.adapters import AdapterValidationError, BaseModelShape, load_adapter
 from shared.nats_client import MeshError
-from shared.protocol import ADAPTER_FILES, ADAPTER_META_BUCKET, AdapterInfo, adapter_object_name, staging_object_name
+from shared.protocol import (
+    ADAPTER_FILES, ADAPTER_META_BUCKET, ADAPTER_NAME_PATTERN, AdapterInfo, adapter_object_name, staging_object_name,
+)
 from shared.wire import ProtocolError, from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,11 @@ _STAGING_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 # safetensors header dtype -> torch dtype name
 _DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
            "F8_E5M2": "float8_e5m2", "I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64"}
+
+
+def _storable(name: str | None) -> bool:
+    """A valid adapter name that is also a valid KV key: no empty token ('..', a trailing '.') in its subject."""
+    return bool(name and ADAPTER_NAME_PATTERN.match(name)) and ".." not in name and not name.endswith(".")
 
 
 def _bad_request(message: str, code: str) -> MeshError:
@@ -109,7 +116,7 @@ class AdapterStore:
         if not ADAPTER_NAME_PATTERN.match(name or ""):
             raise _bad_request(f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' (max 128)",
                                "invalid_adapter_name")
-        if ".." in name or name.endswith("."):  # empty tokens would break the KV key's subject
+        if not _storable(name):
             raise _bad_request(f"invalid adapter name {name!r}: no '..' and no trailing '.'", "invalid_adapter_name")
         if name == self.base_model:
             raise _bad_request(f"adapter name {name!r} is the base model's name", "invalid_adapter_name")
@@ -118,7 +125,7 @@ class AdapterStore:
 
     async def get(self, name: str) -> AdapterInfo:
         """The registered adapter `name`; 404 adapter_not_found otherwise."""
-        if not ADAPTER_NAME_PATTERN.match(name or "") or ".." in name or name.endswith("."):
+        if not _storable(name):
             raise _not_found(name)
         try:
             entry = await self._meta.get(name)

@@ -15,14 +15,12 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from services.adapter_store.client import (
-    ADAPTER_NAME_PATTERN, delete_adapter, get_adapter, list_adapters, register_adapter,
-)
+from services.adapter_store.client import delete_adapter, get_adapter, list_adapters, register_adapter
 from services.gateway.mesh_link import GatewayMesh
 from shared.mesh_config import MeshConfig
 from shared.nats_client import MeshError
 from shared.openai_protocol import OpenAIError
-from shared.protocol import ADAPTER_FILES, AdapterInfo
+from shared.protocol import ADAPTER_FILES, ADAPTER_NAME_PATTERN, AdapterInfo
 
 log = logging.getLogger(__name__)
 

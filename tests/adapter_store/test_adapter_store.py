@@ -15,8 +15,7 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from transformers import AutoConfig
 
 from services.adapter_store.client import (
-    ADAPTER_NAME_PATTERN, delete_adapter, fetch_adapter, get_adapter, list_adapters, register_adapter,
-    register_from_dir, stage_adapter,
+    delete_adapter, fetch_adapter, get_adapter, list_adapters, register_adapter, register_from_dir, stage_adapter,
 )
 from services.adapter_store.service import AdapterStoreService, build_store_service
 from services.adapter_store.store import AdapterStore
@@ -24,8 +23,8 @@ from shared.adapters import BaseModelShape
 from shared.nats_client import MeshError, connect, request
 from shared.nats_server import EmbeddedNatsServer
 from shared.protocol import (
-    ADAPTER_BLOB_BUCKET, ADAPTER_FILES, SUBJECT_ADAPTER_EVENTS, SUBJECT_ADAPTER_LIST, SUBJECT_ADAPTER_REGISTER,
-    AdapterEvent, AdapterInfo, ErrorReply, RegisterAdapter, adapter_object_name,
+    ADAPTER_BLOB_BUCKET, ADAPTER_FILES, ADAPTER_NAME_PATTERN, SUBJECT_ADAPTER_EVENTS, SUBJECT_ADAPTER_LIST,
+    SUBJECT_ADAPTER_REGISTER, AdapterEvent, AdapterInfo, ErrorReply, RegisterAdapter, adapter_object_name,
 )
 from shared.wire import decode
 
@@ -107,9 +106,9 @@ async def staged_names(nc) -> list[str]:
 
 
 def test_name_rule_matches_the_engine():
-    from services.gpu_worker.engine.llm_engine import _ADAPTER_NAME
+    from services.gpu_worker.engine import llm_engine
 
-    assert ADAPTER_NAME_PATTERN.pattern == _ADAPTER_NAME.pattern
+    assert llm_engine.ADAPTER_NAME_PATTERN is ADAPTER_NAME_PATTERN  # one rule, shared/protocol.py
 
 
 async def test_register_list_get_delete_with_events(mesh):
