@@ -41,6 +41,30 @@ def _dot(a, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _key_slots(tables_ptr, table_row, pos, n_mask, block_size):
+    """Cache slots of key positions `pos` [BLOCK_N] through one sequence's block table row (masked: slot 0)."""
+    block = tl.load(tables_ptr + table_row + pos // block_size, mask=n_mask, other=0)
+    return block.to(tl.int64) * block_size + pos % block_size
+
+
+@triton.jit
+def _attend_tile(q, k_ptr, v_ptr, slot, kv_mask, visible, m_i, l_i, acc, kvh, stride_ks, stride_kh, stride_vs,
+                 stride_vh, offs_d, scale_log2, DOT_F32: tl.constexpr):
+    """One key tile of online softmax: scores of q [ROWS, BLOCK_D] against the keys at `slot` where `visible`
+    [ROWS, BLOCK_N], folded into the running max m_i, sum l_i [ROWS] and output acc [ROWS, BLOCK_D]."""
+    k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), DOT_F32) * scale_log2  # [ROWS, BLOCK_N]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one visible key per row
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, context_lens_ptr,
     stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ob, stride_oh, stride_tb,
@@ -66,19 +90,10 @@ def _paged_decode_kernel(
     for start in range(0, context, BLOCK_N):
         pos = start + offs_n  # [BLOCK_N] key positions
         n_mask = pos < context
-        block = tl.load(tables_ptr + b * stride_tb + pos // block_size, mask=n_mask, other=0)
-        slot = block.to(tl.int64) * block_size + pos % block_size
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_F32) * scale_log2  # [BLOCK_H, BLOCK_N]
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
-        m_i = m_new
+        slot = _key_slots(tables_ptr, b * stride_tb, pos, n_mask, block_size)
+        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, slot, n_mask[:, None] & d_mask[None, :], n_mask[None, :],
+                                     m_i, l_i, acc, kvh, stride_ks, stride_kh, stride_vs, stride_vh, offs_d,
+                                     scale_log2, DOT_F32)
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty context gives zeros, not NaN
     tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
@@ -118,20 +133,11 @@ def _paged_prefill_kernel(
     for start in range(0, kv_end, BLOCK_N):
         pos = start + offs_n
         n_mask = pos < kv_end
-        block = tl.load(tables_ptr + c * stride_tb + pos // block_size, mask=n_mask, other=0)
-        slot = block.to(tl.int64) * block_size + pos % block_size
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_F32) * scale_log2  # [BLOCK_M, BLOCK_N]
+        slot = _key_slots(tables_ptr, c * stride_tb, pos, n_mask, block_size)
         visible = n_mask[None, :] & (pos[None, :] <= context + qi[:, None])  # key 0 is visible to every row
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, slot, n_mask[:, None] & d_mask[None, :], visible,
+                                     m_i, l_i, acc, kvh, stride_ks, stride_kh, stride_vs, stride_vh, offs_d,
+                                     scale_log2, DOT_F32)
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
