@@ -31,7 +31,7 @@ from services.cli import CLIError, mesh_config
 from services.supervisor import ChildSpec, GiveUp, Supervisor, describe_exit, remove_new_shm, shm_entries
 from shared.mesh_config import MeshConfig, env_var
 from shared.model_provisioning import ModelNotFoundError, ResolvedModel, resolve_model
-from shared.nats_server import EmbeddedNatsServer, NatsServerError, free_port
+from shared.nats_server import EmbeddedNatsServer, NatsServerError, free_port, is_listening, port_is_free
 from shared.paths import data_dir as default_data_dir
 
 READY_MARKER = "caraserve up: ready"
@@ -78,19 +78,10 @@ class Plan:
 
 
 def _port_in_use(host: str, port: int) -> bool:
-    """Whether a server could not listen on host:port now (SO_REUSEADDR, as servers bind)."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        return not port_is_free(port, host)
     except socket.gaierror as exc:
         raise CLIError(f"cannot listen on host {host!r}: {exc.strerror}: pass --host or set CARASERVE_HOST") from None
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(address)
-        except OSError:
-            return True
-    return False
 
 
 def _prepare(args) -> Plan:
@@ -190,10 +181,8 @@ def _wait_nats(plan: Plan, supervisor: Supervisor) -> None:
     while time.monotonic() < deadline:
         if nats.process.poll() is not None:
             raise CLIError("the embedded NATS server did not start (see the line above)")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.2)
-            if s.connect_ex(("127.0.0.1", plan.config.nats_port)) == 0:
-                return
+        if is_listening(plan.config.nats_port):
+            return
         time.sleep(0.05)
     raise CLIError(f"the embedded NATS server did not listen on 127.0.0.1:{plan.config.nats_port} within "
                    f"{NATS_START_TIMEOUT:g}s (log: {plan.data_dir / 'nats' / 'nats-server.log'})")

@@ -36,13 +36,24 @@ def nats_server_binary() -> str:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is not "in use"
+    """Whether a server could listen on host:port now (bound as servers bind, with SO_REUSEADDR, so a port in
+    TIME_WAIT counts as free). socket.gaierror for a host that does not resolve."""
+    family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host, port))
+            s.bind(address)
         except OSError:
             return False
     return True
+
+
+def is_listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on host:port now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -92,10 +103,8 @@ class EmbeddedNatsServer:
             if self.process.poll() is not None:
                 tail = self._log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
                 raise NatsServerError(f"nats-server exited with code {self.process.returncode}: {tail[0]}")
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.settimeout(0.2)
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
+            if is_listening(self.port):
+                return self
             time.sleep(0.05)
         self.stop()
         raise NatsServerError(f"nats-server did not listen on 127.0.0.1:{self.port} within {timeout:g}s "
