@@ -85,6 +85,7 @@ class GpuWorkerService:
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.worker_id):
             raise ValueError(f"worker id {self.worker_id!r}: use letters, digits, '_' or '-' (max 64)")
         self.base_fingerprint = engine.base_shape.fingerprint()
+        self.device = str(engine.config.torch_device())  # fixed for the engine's life: not re-probed per step
         self._adapter_dir = Path(tempfile.mkdtemp(prefix=f"caraserve-{self.worker_id}-adapters-"))
         self._nc: NATS | None = None
         self._js = None
@@ -240,9 +241,8 @@ class GpuWorkerService:
                 if name not in self.engine.adapter_names():
                     self.engine.load_adapter(name, path)
                 future.set_result(None)
-            except (EngineRequestError, ValueError) as exc:
-                future.set_exception(MeshError.of(409 if "in use" in str(exc) or "being removed" in str(exc) else 400,
-                                                  str(exc), code="adapter_unavailable"))
+            except ValueError as exc:  # EngineRequestError (409: in use, being removed) or AdapterValidationError
+                future.set_exception(MeshError.of(getattr(exc, "status", 400), str(exc), code="adapter_unavailable"))
         unloads, self._unloads = self._unloads, []
         for name in unloads:
             if name in self.engine.adapter_names():
@@ -263,10 +263,7 @@ class GpuWorkerService:
                 prompt = self.engine.encode_chat(req.messages) if req.kind == "chat" else req.prompt
                 self.engine.add_request(req.request_id, prompt, a.params, adapter=a.adapter)
             except EngineRequestError as exc:
-                status, code = (404, "model_not_found") if "unknown model" in str(exc) else (400, None)
-                if "context is" in str(exc):
-                    code = "context_length_exceeded"
-                errors.append((req.reply_to, ErrorReply(status, str(exc), code=code)))
+                errors.append((req.reply_to, ErrorReply(exc.status, str(exc), code=exc.code)))
                 continue
             self._running[req.request_id] = _Running(req, a.params)
         return errors
@@ -308,7 +305,7 @@ class GpuWorkerService:
             running_ranks=ranks, resident_adapters=engine.adapter_names(),
             free_kv_blocks=engine.blocks.num_free, total_kv_blocks=engine.blocks.num_blocks,
             interval_s=self.config.heartbeat_interval, ready=self._accepting,
-            device=str(engine.config.torch_device()),
+            device=self.device,
         )
 
     async def _publish_heartbeat(self) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +15,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from shared.adapters import BaseModelShape, LoRAAdapter, load_adapter
 from shared.model_provisioning import resolve_model
+from shared.protocol import ADAPTER_NAME_PATTERN
 from services.gpu_worker.engine.adapter_cache import AdapterCache
 from services.gpu_worker.engine.block_manager import BlockManager
 from services.gpu_worker.engine.config import EngineConfig
@@ -28,11 +28,16 @@ from services.gpu_worker.model.llama import LlamaModel
 from services.gpu_worker.model.weights import check_supported
 
 log = logging.getLogger(__name__)
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class EngineRequestError(ValueError):
-    """A request or adapter operation the engine refuses; the message is one line for the client."""
+    """A request or adapter operation the engine refuses; the message is one line for the client, `status` and
+    `code` say how an API answers it (OpenAI's HTTP status and error code)."""
+
+    def __init__(self, message: str, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
 
 
 @dataclass
@@ -128,15 +133,15 @@ class LLMEngine:
     # ---- adapters ----
     def load_adapter(self, name: str, path) -> LoRAAdapter:
         """Validate and register an adapter (host tier); it is put in a slot when a request needs it."""
-        if not _ADAPTER_NAME.match(name or ""):
+        if not ADAPTER_NAME_PATTERN.match(name or ""):
             raise EngineRequestError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
         if name == self.model_name:
             raise EngineRequestError(f"adapter name {name!r} is the base model's name")
         adapter = load_adapter(path, self.base_shape, self.config.max_lora_rank, name=name)
         try:
             self.adapters.register(adapter)
-        except ValueError as e:
-            raise EngineRequestError(str(e)) from None
+        except ValueError as e:  # in use or being removed: retry later
+            raise EngineRequestError(str(e), status=409) from None
         if self.cpu_assist is not None:
             self.cpu_assist.add(adapter)
         return adapter
@@ -174,7 +179,7 @@ class LLMEngine:
         if adapter == self.model_name:
             adapter = None
         if adapter is not None and not self.adapters.is_available(adapter):
-            raise EngineRequestError(f"unknown model or adapter {adapter!r}")
+            raise EngineRequestError(f"unknown model or adapter {adapter!r}", status=404, code="model_not_found")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise EngineRequestError("the prompt is empty")
@@ -183,7 +188,8 @@ class LLMEngine:
             raise EngineRequestError(f"prompt token ids must be integers in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise EngineRequestError(
-                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens"
+                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens",
+                code="context_length_exceeded",
             )
         seq = Sequence(request_id, ids, params, adapter, next(self._arrival))
         self._seqs[request_id] = seq
