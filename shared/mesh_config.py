@@ -85,14 +85,17 @@ def env_var(name: str) -> str:
     return "CARASERVE_" + name.upper()
 
 
+def _parse_as(name: str) -> type:
+    """How a setting's text (flag or environment variable) becomes its value: int, float or str."""
+    annotation = {f.name: f.type for f in fields(MeshConfig)}[name]  # a string: annotations are postponed
+    return int if "int" in annotation else float if "float" in annotation else str
+
+
 def add_mesh_args(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
     """Flags for the settings `names` (default: all); each help text names its environment variable."""
     group = parser.add_argument_group("mesh (each also settable by the environment variable shown)")
-    types = {f.name: f.type for f in fields(MeshConfig)}
     for name in names or [f.name for f in fields(MeshConfig)]:
-        kind = types[name]
-        convert = int if "int" in kind else float if "float" in kind else str
-        group.add_argument(f"--{_flag(name)}", dest=f"mesh_{name}", type=convert, metavar=_flag(name).upper().split("-")[-1],
+        group.add_argument(f"--{_flag(name)}", dest=f"mesh_{name}", type=_parse_as(name), metavar=_flag(name).upper().split("-")[-1],
                            help=f"{_HELP[name]} [{env_var(name)}]")
 
 
@@ -112,7 +115,7 @@ def mesh_config_from_args(args: argparse.Namespace | None = None, environ: dict[
         elif environ.get(env_var(f.name), "") != "":
             raw = environ[env_var(f.name)]
             try:
-                values[f.name] = int(raw) if "int" in f.type else float(raw) if "float" in f.type else raw
+                values[f.name] = _parse_as(f.name)(raw)
             except ValueError:
                 raise MeshConfigError(f"{env_var(f.name)}={raw!r} is not a number") from None
     values.update({k: v for k, v in overrides.items() if v is not None})

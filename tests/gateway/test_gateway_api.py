@@ -27,6 +27,8 @@ from shared.protocol import (
 )
 from shared.wire import decode
 
+from helpers.http import wait_ready
+
 DEMO = Path(__file__).resolve().parents[2] / "shared" / "demo_adapters"
 BASE = "SmolLM2-135M-Instruct"
 API_KEY = "test-api-key"
@@ -176,17 +178,6 @@ async def mesh(nats_server):
     m = Mesh(nats_server.url)
     yield m
     await m.close()
-
-
-async def wait_ready(base: str) -> None:
-    """Until the gateway has heard a heartbeat (/readyz 200)."""
-    async with aiohttp.ClientSession() as http:
-        for _ in range(100):
-            async with http.get(f"{base}/readyz") as resp:
-                if resp.status == 200:
-                    return
-            await asyncio.sleep(0.05)
-    raise AssertionError("gateway never became ready")
 
 
 @pytest.fixture

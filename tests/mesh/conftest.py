@@ -19,6 +19,8 @@ from shared.demo_adapters import DEMO_ADAPTERS, demo_adapter_path
 from shared.mesh_config import MeshConfig
 from shared.nats_client import connect
 
+from helpers.http import wait_ready
+
 API_KEY = "test-api-key"
 ADMIN_KEY = "test-admin-key"
 
@@ -83,15 +85,7 @@ class Mesh:
         self.worker = None
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
-        import aiohttp
-
-        async with aiohttp.ClientSession() as http:
-            for _ in range(int(timeout / 0.05)):
-                async with http.get(f"{self.base_url}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-                await asyncio.sleep(0.05)
-        raise TimeoutError("the mesh did not become ready")
+        await wait_ready(self.base_url, timeout)
 
 
 @pytest.fixture
