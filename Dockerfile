@@ -20,8 +20,9 @@ COPY shared ./shared
 COPY services ./services
 RUN pip install . && rm -rf build ./*.egg-info
 
+# /data/run exists in the image so that a new volume mounted there (compose: caraserve-run) belongs to caraserve
 RUN useradd --create-home --uid 10001 --user-group caraserve \
-    && mkdir /data && chown caraserve:caraserve /data
+    && mkdir -p /data/run && chown -R caraserve:caraserve /data
 USER caraserve
 WORKDIR /home/caraserve
 ENV CARASERVE_DATA_DIR=/data

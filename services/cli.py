@@ -44,9 +44,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "(default: auto = triton on CUDA, torch on CPU)")
     group.add_argument("--cpu-assist", choices=("off", "always"),
                        help="CPU-assisted prefill: 'always' computes every prefill LoRA delta on cpu_prefill worker "
-                            "processes from a shared-memory adapter cache (default: off)")
+                            "processes from a shared-memory adapter cache; besides its own, `caraserve serve "
+                            "cpu_prefill` processes with the same --data-dir join it while it serves (default: off)")
     group.add_argument("--cpu-workers", type=int, metavar="N",
-                       help="cpu_prefill worker processes with --cpu-assist always (default: 2)")
+                       help="cpu_prefill worker processes the engine starts itself with --cpu-assist always; 0: only "
+                            "joined ones (the device path while none is there) (default: 2)")
     group.add_argument("--data-dir", metavar="DIR",
                        help="cache for converted models, and the mesh's JetStream store "
                             "(default: $CARASERVE_DATA_DIR or ~/.cache/caraserve)")
@@ -110,9 +112,49 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(demo)
     demo.set_defaults(handler="services.gpu_worker.run_batch:demo_command")
 
+    _add_profile(commands)
+    _add_simulate(commands)
     _add_up(commands)
     _add_serve(commands)
     return parser
+
+
+def _add_profile(commands) -> None:
+    profile = commands.add_parser(
+        "profile",
+        help="measure this machine's decode and prefill times and fit the scheduler's performance model",
+        description="Run the engine on random adapters of several ranks: decode step time over batch sizes and rank "
+                    "mixes, prefill time over prompt lengths. Fit the rank-aware scheduler's cost model (both "
+                    "forms: batch x max rank and sum of ranks; the better fit is kept, both R² are reported) and "
+                    "write it as JSON. A gpu_worker loads it with --perf-model; without one it profiles itself "
+                    "briefly at start-up.",
+    )
+    profile.add_argument("-o", "--output", metavar="FILE",
+                         help="where to write the model (default: <data dir>/perf_models/<model>-<device>.json)")
+    profile.add_argument("--batch-sizes", metavar="N,N,...", help="decode batch sizes to measure (default: 1,2,4,8,16)")
+    profile.add_argument("--ranks", metavar="R,R,...", help="LoRA ranks of the random adapters (default: 8,16,32,64)")
+    profile.add_argument("--prompt-lengths", metavar="N,N,...",
+                         help="prompt lengths for prefill (default: 16,64,128,256)")
+    profile.add_argument("--repeats", type=int, metavar="N", help="timed steps per point (default: 5)")
+    profile.add_argument("--quick", action="store_true",
+                         help="fewer points and repeats (what a worker does at start-up without a model file)")
+    add_engine_args(profile)
+    profile.set_defaults(handler="services.gpu_worker.profiler:profile_command")
+
+
+def _add_simulate(commands) -> None:
+    simulate = commands.add_parser(
+        "simulate",
+        help="simulate a cluster of workers under each placement policy (discrete events, no model needed)",
+        description="A discrete-event simulation of many workers with continuous batching whose step costs come "
+                    "from a performance model file, driven by Poisson arrivals over power-law adapter popularity. "
+                    "Compares placement policies on time per output token and SLO attainment; writes JSON and "
+                    "PNG plots. Deterministic for a seed.",
+    )
+    simulate.set_defaults(handler="services.scheduler.simulate_command:simulate_command")
+    from services.scheduler.simulate_command import add_simulate_args
+
+    add_simulate_args(simulate)
 
 
 _SERVICES = {
@@ -121,11 +163,17 @@ _SERVICES = {
                 ["host", "port", "api_key", "admin_key", "max_pending", "max_upload_mb", "request_timeout",
                  "worker_timeout"], False),
     "scheduler": ("places requests on GPU workers (replicas share the work)", "services.scheduler.service:serve_command",
-                  ["worker_timeout", "request_timeout"], False),
+                  ["worker_timeout", "request_timeout", "placement_policy"], False),
     "gpu_worker": ("the engine: one per GPU, or one on the CPU", "services.gpu_worker.service:serve_command",
-                   ["worker_id", "heartbeat_interval", "request_timeout"], True),
+                   ["worker_id", "heartbeat_interval", "request_timeout", "perf_model", "slo_tpot_ms", "slo_ttft_ms"],
+                   True),
     "adapter_store": ("adapter registry and blobs in NATS JetStream", "services.adapter_store.service:serve_command",
                       ["request_timeout"], True),
+}
+# node-local services that do not use NATS: name -> (help, handler, module:function that adds their arguments)
+_NODE_SERVICES = {
+    "cpu_prefill": ("LoRA-delta worker processes that join this node's gpu_workers (CPU-assisted prefill)",
+                    "services.cpu_prefill.service:serve_command", "services.cpu_prefill.service:add_serve_args"),
 }
 _COMMON_MESH = ["nats_url", "trace_exporter", "log_level"]
 
@@ -142,7 +190,7 @@ def _add_up(commands) -> None:
                     "stops everything cleanly on Ctrl-C or SIGTERM.",
     )
     add_mesh_args(up, ["host", "port", "nats_port", "api_key", "admin_key", "max_pending", "max_upload_mb", "heartbeat_interval", "worker_timeout", "trace_exporter",
-                       "log_level"])
+                       "log_level", "placement_policy", "perf_model", "slo_tpot_ms", "slo_ttft_ms"])
     up.add_argument("--workers", type=int, default=1, metavar="N", help="gpu_worker processes to start (default: 1)")
     up.add_argument("--no-demo-adapters", action="store_true", help="do not register the shipped demo adapters")
     add_engine_args(up)
@@ -164,6 +212,11 @@ def _add_serve(commands) -> None:
         add_mesh_args(sub, _COMMON_MESH + settings)
         if engine:
             add_engine_args(sub)
+        sub.set_defaults(handler=handler)
+    for name, (help_text, handler, add_args) in _NODE_SERVICES.items():
+        sub = services.add_parser(name, help=help_text, description=f"Run the {name} service: {help_text}.")
+        module, _, function = add_args.partition(":")
+        getattr(importlib.import_module(module), function)(sub)
         sub.set_defaults(handler=handler)
 
 

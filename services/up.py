@@ -29,6 +29,8 @@ from pathlib import Path
 
 from services.cli import CLIError, mesh_config
 from services.supervisor import ChildSpec, GiveUp, Supervisor, describe_exit, remove_new_shm, shm_entries
+from services.scheduler.perf_model import PerfModel, PerfModelError
+from services.scheduler.service import check_placement_policy
 from shared.mesh_config import MeshConfig, env_var
 from shared.model_provisioning import ModelNotFoundError, ResolvedModel, resolve_model
 from shared.nats_server import EmbeddedNatsServer, NatsServerError, free_port, is_listening, port_is_free
@@ -87,6 +89,12 @@ def _port_in_use(host: str, port: int) -> bool:
 def _prepare(args) -> Plan:
     """Validate the settings and ports, provision the model; CLIError (one line) for what the user can fix."""
     config = mesh_config(args)
+    check_placement_policy(config)
+    if config.perf_model:  # every gpu_worker loads it: a bad file is one error here, not a crash loop there
+        try:
+            PerfModel.load(config.perf_model)
+        except PerfModelError as exc:
+            raise CLIError(f"--perf-model: {exc}") from None
     if args.workers < 1:
         raise CLIError(f"--workers must be >= 1, got {args.workers}")
     if config.port == 0:

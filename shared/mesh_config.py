@@ -35,6 +35,10 @@ class MeshConfig:
     request_timeout: float = 10.0  # seconds to wait for the scheduler/store to answer
     trace_exporter: str = "none"  # OpenTelemetry span exporter: none, console or otlp
     log_level: str = "info"
+    placement_policy: str = "rank_aware"  # scheduler: rank_aware, random, round_robin, most_idle or first_fit
+    perf_model: str | None = None  # gpu_worker: its performance model file (caraserve profile); None: cached/profiled
+    slo_tpot_ms: float | None = None  # gpu_worker: SLO on time per output token; None: 1.5 × its no-LoRA time
+    slo_ttft_ms: float | None = None  # gpu_worker: SLO on time to first token; None: none
 
     def __post_init__(self) -> None:
         for name in ("port", "nats_port"):
@@ -49,6 +53,9 @@ class MeshConfig:
             raise MeshConfigError(f"--max-pending must be >= 1, got {self.max_pending}")
         if self.trace_exporter not in ("none", "console", "otlp"):
             raise MeshConfigError(f"--trace-exporter must be none, console or otlp, got {self.trace_exporter!r}")
+        for name in ("slo_tpot_ms", "slo_ttft_ms"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise MeshConfigError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise MeshConfigError(f"--log-level must be debug, info, warning or error, got {self.log_level!r}")
 
@@ -74,6 +81,13 @@ _HELP = {
     "request_timeout": "seconds to wait for the scheduler or the adapter store (default: 10)",
     "trace_exporter": "OpenTelemetry span exporter: none, console or otlp (default: none)",
     "log_level": "debug, info, warning or error (default: info)",
+    "placement_policy": "where requests go: rank_aware (the cost model; default), or a baseline: random, "
+                        "round_robin, most_idle, first_fit",
+    "perf_model": "the worker's performance model file from `caraserve profile` (default: the one cached in the "
+                  "data directory, or a brief profile at start-up, then cached)",
+    "slo_tpot_ms": "SLO on time per output token in ms, prefill included (default: 1.5 x the worker's measured "
+                   "time per token without LoRA)",
+    "slo_ttft_ms": "SLO on time to first token in ms (default: none)",
 }
 
 

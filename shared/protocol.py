@@ -100,6 +100,19 @@ class GenerateRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("exactly one of messages (chat) and prompt (completion) must be set")
 
+    def prompt_tokens_hint(self) -> int:
+        """A rough prompt size in tokens before tokenization (about 4 characters a token), for placement."""
+        if isinstance(self.prompt, list):
+            return len(self.prompt)
+        if self.prompt is not None:
+            return max(1, len(self.prompt) // 4)
+        return max(1, sum(len(m.get("content", "")) + 8 for m in self.messages or []) // 4)
+
+    def max_tokens_hint(self, default: int = 256) -> int:
+        """The request's max_tokens, or `default` when it sets none."""
+        value = self.sampling.get("max_tokens")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
 
 @dataclass
 class Placement:
@@ -162,6 +175,17 @@ class WorkerHeartbeat:
     interval_s: float  # time between heartbeats
     ready: bool = True  # False while starting or draining: send no new requests
     device: str = "cpu"  # where the engine runs, e.g. "cpu" or "cuda:0"
+    # --- what rank-aware placement needs (services/scheduler/policies.py) ---
+    perf_model: dict[str, Any] | None = None  # services/scheduler/perf_model.py PerfModel.to_dict(): its step costs
+    slo_tpot_s: float = 0.0  # its SLO on time per output token, prefill included (0: none)
+    slo_ttft_s: float = 0.0  # its SLO on time to first token (0: none)
+    queued_prompts: list[tuple[int, int]] = field(default_factory=list)  # (prompt tokens, rank) of each queued request
+    gpu_adapters: list[str] = field(default_factory=list)  # adapters in its GPU adapter pool (no load needed)
+    host_adapters: list[str] = field(default_factory=list)  # adapters in its node's host cache (CPU-assist ready)
+    max_num_seqs: int = 0  # batch capacity (0: unknown)
+    block_size: int = 16  # tokens per KV block (free_kv_blocks × block_size = room in tokens)
+    # (adapter, output tokens) of requests finished since the last heartbeat ("" for the base model)
+    finished: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass

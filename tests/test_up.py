@@ -285,6 +285,19 @@ def test_up_refuses_a_busy_port(tmp_path, busy):
     assert not (tmp_path / "data").exists(), "up started something before checking its ports"
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--placement-policy", "fastest"], "--placement-policy must be one of rank_aware, random, round_robin, "
+                                        "most_idle, first_fit, got 'fastest'"),
+    (["--perf-model", "/no/such/model.json"], "--perf-model: no performance model file at /no/such/model.json"),
+])
+def test_up_refuses_bad_placement_settings_before_starting_anything(tmp_path, flags, message, capsys):
+    from services.cli import main
+
+    assert main(["up", "--data-dir", str(tmp_path / "data"), *flags]) == 1
+    assert capsys.readouterr().err.strip() == f"caraserve up: error: {message}"
+    assert not (tmp_path / "data").exists()
+
+
 # ---------------------------------------------------------------- supervisor (fast: tiny Python children)
 
 def _python(code: str) -> list[str]:

@@ -12,8 +12,11 @@ Modes (EngineConfig.cpu_assist):
 The GPU mode the paper describes (only cold adapters, only until their layers have landed on the device) needs the
 pipelined GPU loader and comes with it.
 
-A worker that dies or stalls makes the backend fall back to the device path for that range (after the pool's
-timeout); the request completes either way.
+Workers: `num_workers` processes spawned by the engine, plus any `caraserve serve cpu_prefill` process of the node
+that joins through the engine's socket in <data dir>/run/cpu_prefill/ (services/cpu_prefill/rendezvous.py); they
+may join and leave while the engine serves. With num_workers 0 only joiners do the work; while no worker is there,
+prefills take the device path. A worker that dies or stalls makes the backend fall back to the device path for
+that range (after the pool's timeout); the request completes either way.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import logging
 from services.cpu_prefill.backend import CpuAssistLoRABackend
 from services.cpu_prefill.host_cache import HostAdapter, HostAdapterCache, HostCacheError
 from services.cpu_prefill.pool import CpuPrefillPool
+from services.cpu_prefill.rendezvous import RendezvousError, run_dir
 from shared.adapters import LoRAAdapter
 
 log = logging.getLogger(__name__)
@@ -29,7 +33,8 @@ log = logging.getLogger(__name__)
 
 class CpuAssist:
     def __init__(self, model, adapters, num_layers: int, part_widths: dict[str, int], *, num_workers: int,
-                 max_tokens: int, host_cache_bytes: int, timeout_s: float = 5.0) -> None:
+                 max_tokens: int, host_cache_bytes: int, timeout_s: float = 5.0, data_dir: str | None = None,
+                 accept_joiners: bool = True) -> None:
         self.adapters = adapters  # the engine's AdapterCache: which adapter is in which slot
         self.num_layers = num_layers
         self.part_widths = part_widths
@@ -38,15 +43,22 @@ class CpuAssist:
         max_out = max(widths["q_proj"] + 2 * widths["k_proj"], 2 * widths["gate_proj"], model.config.hidden_size)
         self.host = HostAdapterCache(host_cache_bytes)
         try:
-            self.pool = CpuPrefillPool(num_workers, max_tokens, max_in, max_out, timeout_s=timeout_s)
+            self.pool = CpuPrefillPool(num_workers, max_tokens, max_in, max_out, timeout_s=timeout_s,
+                                       rendezvous_dir=run_dir(data_dir) if accept_joiners else None)
+        except RendezvousError as exc:  # only raised with no spawned worker: nothing could ever assist
+            self.host.close()
+            from services.gpu_worker.engine.config import ConfigError
+
+            raise ConfigError(f"cpu_workers 0 and cpu_prefill processes cannot join: {exc}") from None
         except BaseException:
             self.host.close()
             raise
         self._held: dict[str, HostAdapter] = {}  # adapters registered with the engine and in the host cache
         self.backend = CpuAssistLoRABackend(model.lora_backend, self.pool, self.host_adapter_of)
         model.lora_backend = self.backend
-        log.info("CPU-assisted prefill: %d cpu_prefill workers, host adapter cache %.0f MiB",
-                 num_workers, host_cache_bytes / 2**20)
+        log.info("CPU-assisted prefill: %d cpu_prefill workers spawned, %s, host adapter cache %.0f MiB",
+                 num_workers, f"others join at {self.pool.socket_path}" if self.pool.socket_path else "no joiners",
+                 host_cache_bytes / 2**20)
 
     def add(self, adapter: LoRAAdapter) -> None:
         """Lay a newly registered adapter out in the host cache (held until `remove`); if it does not fit, its
@@ -74,6 +86,6 @@ class CpuAssist:
         return self.backend.fallbacks
 
     def close(self) -> None:
-        """Stop the workers and unlink every shared-memory segment (idempotent)."""
+        """Stop the workers (joined ones leave), remove the socket, unlink every shared-memory segment (idempotent)."""
         self.pool.close()
         self.host.close()

@@ -14,6 +14,9 @@ of the step:
 decode; None treats every token as prefill (cpu_assist=always on a CPU machine with prefill-only steps).
 When the pool raises CpuAssistError (a worker died, stalled or failed) the range falls back to the inner backend
 for that call, after `on_fallback(slot)` (the engine's hook to wait for the adapter's load), with a warning.
+Workers come and go (joined cpu_prefill processes): a step that starts with none alive is not assisted at all
+(checked once, in prepare: no failed call, no warning), and a step whose last worker goes mid-way runs its
+remaining layers on the inner backend.
 """
 from __future__ import annotations
 
@@ -87,10 +90,11 @@ class CpuAssistLoRABackend:
         prefill = sorted(prefill_ranges) if prefill_ranges is not None else None
         rest: list[Segment] = []
         assisted: list[tuple[Segment, HostAdapter]] = []
+        workers = self.pool.alive()  # once a step: none there (yet, or any more) -> every range on the inner backend
         for seg in info.segments:
             if seg[2] <= seg[1]:
                 continue
-            host = self.host_adapter_of(seg[0])
+            host = self.host_adapter_of(seg[0]) if workers else None
             if host is None:
                 rest.append(seg)
                 continue
@@ -123,7 +127,12 @@ class CpuAssistLoRABackend:
         for seg, host in step.assisted:
             (on_cpu if self.on_cpu is None or self.on_cpu(seg[0], layer) else on_gpu).append((seg, host))
         failed: list[Segment] = []
+        called: set[int] = set()  # slots on_fallback was called for
+        workers_gone = False
         for (slot, start, end), host in on_cpu:
+            if workers_gone:
+                failed.append((slot, start, end))  # not tried: its delta comes from the inner backend below
+                continue
             if host.layers[layer].get(group) is None:
                 continue  # the adapter does not target this group in this layer
             try:  # adds into y[start:end] only once every slice is back; untouched when it raises
@@ -131,13 +140,24 @@ class CpuAssistLoRABackend:
                                         add_to=y[start:end])
                 self.cpu_ranges += 1
             except CpuAssistError as e:
-                log.warning("CPU-assisted LoRA failed for layer %d %s (slot %d, tokens %d-%d): %s; "
-                            "falling back", layer, group, slot, start, end, e)
+                workers_gone = self.pool.alive() == 0
+                log.warning("CPU-assisted LoRA failed for layer %d %s (slot %d, tokens %d-%d): %s; falling back%s",
+                            layer, group, slot, start, end, e,
+                            " (no cpu_prefill worker left: the rest of this step runs on the device)"
+                            if workers_gone else "")
                 self.fallbacks += 1
                 if self.on_fallback is not None:
                     self.on_fallback(slot)
+                    called.add(slot)
                 failed.append((slot, start, end))
         extra = tuple(seg for seg, _ in on_gpu) + tuple(failed)
         sub = self._inner_info(step, tuple(sorted(extra, key=lambda s: s[1])))
         if sub is not None:
             self.inner.apply(y, x, slots, layer, group, sub)
+        if workers_gone:  # later layers of this step: every range on the inner backend, without asking the pool
+            if self.on_fallback is not None:
+                for slot in sorted({seg[0] for seg, _ in step.assisted} - called):
+                    self.on_fallback(slot)
+            step.rest = step.rest + [seg for seg, _ in step.assisted]
+            step.assisted = []
+            step.inner_infos = {}

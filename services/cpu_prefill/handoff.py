@@ -4,7 +4,7 @@ Layout (byte offsets; every field int64, each side's fields on their own cache l
 share one):
 
     [0, 64)     engine-written: request seq, stop flag, task header (adapter id, layer, group, tokens, in, out)
-    [64, 128)   worker-written: done seq, status, worker pid
+    [64, 128)   worker-written: done seq, status, worker pid, leaving flag
     [128, 192)  fixed at creation: max_tokens, max_in, max_out (the worker maps its views from these)
     [256, ...)  input  buffer, float32, max_tokens * max_in   (a task uses its first n * in floats as [n, in])
     [...]       output buffer, float32, max_tokens * max_out  (a task's delta: its first n * out floats, [n, out])
@@ -13,6 +13,10 @@ Protocol (single writer per field, so plain stores suffice on x86's total store 
 input slice and the header, then bumps the request seq; the worker busy-polls the request seq (backing off to
 sleeps of up to 1 ms when idle, so idle workers do not burn cores), computes, writes the delta and its status,
 then sets done seq = request seq. The engine reads the output only once done seq equals the seq it wrote.
+
+Leaving (a joined worker asked to stop): the worker sets its leaving flag and keeps serving; the engine stops
+handing it tasks, and once the channel is idle sets the stop flag and retires it; the worker exits on the stop flag.
+So no task is dropped by a worker that leaves.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from services.cpu_prefill.segments import attach_segment, create_segment
 # engine-written
 REQ_SEQ, STOP, ADAPTER_ID, LAYER, GROUP, N_TOKENS, IN_WIDTH, OUT_WIDTH = range(8)
 # worker-written
-DONE_SEQ, STATUS, WORKER_PID = 8, 9, 10
+DONE_SEQ, STATUS, WORKER_PID, LEAVING = 8, 9, 10, 11
 # fixed at creation
 MAX_TOKENS, MAX_IN, MAX_OUT = 16, 17, 18
 
@@ -126,6 +130,10 @@ class HandoffChannel:
     def request_stop(self) -> None:
         self.ctrl[STOP] = 1
 
+    def leaving(self) -> bool:
+        """Whether the worker asked to leave (it answers what it was given, and takes nothing new)."""
+        return self.ctrl[LEAVING] != 0
+
     # ---- worker side -------------------------------------------------------------------------------------------
     def header(self) -> tuple[int, int, int, int, int, int]:
         """(adapter id, layer, group, n tokens, in width, out width) of the pending request."""
@@ -158,6 +166,12 @@ class HandoffChannel:
     def set_worker(self, pid: int) -> None:
         self.ctrl[WORKER_PID] = pid
         self.ctrl[STATUS] = STATUS_OK
+
+    def request_leave(self) -> None:
+        self.ctrl[LEAVING] = 1
+
+    def stopped(self) -> bool:
+        return self.ctrl[STOP] != 0
 
     def finish(self, seq: int, status: int) -> None:
         self.ctrl[STATUS] = status

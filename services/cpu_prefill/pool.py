@@ -1,13 +1,22 @@
-"""`CpuPrefillPool`: N single-threaded cpu_prefill worker processes, each with its own handoff channel.
+"""`CpuPrefillPool`: single-threaded cpu_prefill worker processes, each with its own handoff channel.
+
+Workers come two ways and are then handled alike:
+- spawned: the pool starts `num_workers` children (multiprocessing spawn) and talks to each over a pipe;
+- joined: with `rendezvous_dir`, the pool listens on a Unix socket there (services/cpu_prefill/rendezvous.py) and
+  `caraserve serve cpu_prefill` processes join while the engine serves. A background thread authenticates a joiner,
+  creates its channel and waits until it has mapped it; the engine thread adopts it at the start of its next call
+  (`alive()` or `compute_delta`). Its connection replaces the pipe; it is alive while the connection is open.
+  A joiner that is asked to stop sets its channel's leaving flag: it gets no new task, and is retired once idle.
 
 `compute_delta(host, layer, group, x)` splits x's tokens into contiguous slices, one per live worker, hands each
 slice to its worker through shared memory and waits for all of them; the result is the LoRA delta to add to the
 projection output. A worker that dies or stalls does not hang the caller: after `timeout_s` (at once for a dead
-one) the call raises CpuAssistTimeout, the worker is retired (killed, its channel unlinked) and later calls use the
-others; the engine falls back to its own LoRA path for that call.
+one) the call raises CpuAssistTimeout, the worker is retired (a spawned one killed; a joined one disconnected; its
+channel unlinked) and later calls use the others; the engine falls back to its own LoRA path for that call.
 
-Used by one engine thread (not thread-safe). Every segment is named "caraserve-<engine pid>-<hex>" so the
-supervisor can unlink them after a crash; close() (also at exit, best effort) stops the workers and unlinks them.
+Used by one engine thread (not thread-safe; joiners are handed over under a lock). Every segment, joiners' channels
+included, is created here and named "caraserve-<engine pid>-<hex>" so the supervisor can unlink them after a crash;
+close() (also at exit, best effort) stops the workers, disconnects the joined ones and unlinks every channel.
 """
 from __future__ import annotations
 
@@ -15,14 +24,18 @@ import atexit
 import logging
 import multiprocessing as mp
 import os
+import select
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from services.cpu_prefill.handoff import REQ_SEQ, STATUS_OK, WORKER_PID, HandoffChannel
 from services.cpu_prefill.host_cache import HostAdapter
+from services.cpu_prefill.rendezvous import RendezvousError, RendezvousListener
 from services.cpu_prefill.worker import GROUP_NAMES, worker_main
 
 log = logging.getLogger("caraserve.cpu_prefill.pool")
@@ -30,6 +43,7 @@ log = logging.getLogger("caraserve.cpu_prefill.pool")
 LIVENESS_EVERY_S = 1e-3  # while waiting: how often to check that the pending workers' processes are alive
 WAIT_SPIN_S = 50e-6  # while waiting: busy-poll this long, then yield the core in short sleeps
 WAIT_MAX_SLEEP_S = 100e-6
+JOIN_ATTACH_TIMEOUT_S = 30.0  # a joiner must map its channel within this
 
 
 class CpuAssistError(RuntimeError):
@@ -40,17 +54,89 @@ class CpuAssistTimeout(CpuAssistError):
     """A worker died or did not answer within the timeout (it has been retired), or no worker is alive."""
 
 
+class _Spawned:
+    """A worker process this pool started: alive while the process runs; killed and reaped when retired."""
+
+    def __init__(self, process: mp.process.BaseProcess) -> None:
+        self.process = process
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def describe(self) -> str:
+        return f"pid {self.process.pid}"
+
+    def stop(self, timeout_s: float) -> None:
+        """Wait up to timeout_s for it to exit (after the stop flag), then kill it."""
+        if self.process.pid is None:
+            return  # never started
+        self.process.join(timeout=max(0.0, timeout_s))
+        self.kill()
+
+    def kill(self) -> None:
+        if self.process.pid is None:
+            return
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+
+
+class _Joined:
+    """A process that joined through the rendezvous socket: not our child (maybe in another pid namespace), so it
+    is alive while its connection is open. It sends nothing after joining: a readable connection means EOF."""
+
+    def __init__(self, conn, info: dict) -> None:
+        self.conn = conn
+        self.pid = info.get("pid")
+        self.host = info.get("host")
+        self._gone = False
+        # checked on every call: a poll object kept for it costs ~0.6 µs where Connection.poll() costs ~4 µs
+        self._poller = select.poll()
+        self._poller.register(conn.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+
+    def alive(self) -> bool:
+        if not self._gone and self._poller.poll(0):
+            try:
+                if self.conn.poll():
+                    self.conn.recv()  # EOF raises; anything else is ignored
+            except (EOFError, OSError):
+                self._gone = True
+        return not self._gone
+
+    def describe(self) -> str:
+        return f"joined, pid {self.pid} on {self.host}"
+
+    def stop(self, timeout_s: float) -> None:
+        self.kill()  # the stop flag, then its connection closing, make it leave
+
+    def kill(self) -> None:
+        self._gone = True  # its connection is about to be closed: never poll its (reusable) fd again
+
+
 @dataclass
 class _Worker:
     index: int
-    process: mp.process.BaseProcess
+    handle: _Spawned | _Joined
     channel: HandoffChannel
-    conn: object  # the pool's end of the control pipe
+    conn: object  # the pool's end of the control pipe or of the joined connection (send/recv/poll/close)
     known: set[int] = field(default_factory=set)  # adapter ids already sent to this worker
+
+    @property
+    def joined(self) -> bool:
+        return isinstance(self.handle, _Joined)
 
 
 class CpuPrefillPool:
-    """N worker processes (spawn), channels of [max_tokens, max_in] in and [max_tokens, max_out] out each."""
+    """Spawned and joined workers, channels of [max_tokens, max_in] in and [max_tokens, max_out] out each.
+
+    num_workers processes are spawned at once (0 is allowed with a rendezvous_dir: only joiners then). With
+    rendezvous_dir, `caraserve serve cpu_prefill` processes may join and leave at any time; if the socket cannot
+    be set up the pool logs a warning and serves with its spawned workers (with none: RendezvousError).
+    """
 
     def __init__(
         self,
@@ -63,9 +149,10 @@ class CpuPrefillPool:
         cores: list[int] | None = None,
         spin_s: float | None = None,
         start_timeout_s: float = 120.0,
+        rendezvous_dir: str | os.PathLike | None = None,
     ) -> None:
-        if num_workers <= 0:
-            raise ValueError(f"num_workers must be positive, got {num_workers}")
+        if num_workers < 0 or (num_workers == 0 and rendezvous_dir is None):
+            raise ValueError(f"num_workers must be positive (or 0 with a rendezvous_dir), got {num_workers}")
         self.max_tokens, self.max_in, self.max_out = max_tokens, max_in, max_out
         self.timeout_s = timeout_s
         self._spin_s = spin_s
@@ -73,24 +160,41 @@ class CpuPrefillPool:
         self._workers: list[_Worker] = []
         self._adapter_ids: dict[str, int] = {}  # segment name -> id sent in task headers
         self._closed = False
+        self._lock = threading.Lock()  # guards _joining, _next_index and _closed against the join threads
+        self._joining: list[_Worker] = []  # joined and attached, not yet adopted by the engine thread
+        self._next_index = 0
+        self._rendezvous: RendezvousListener | None = None
         # close at interpreter exit even if the owner forgets (weakref: the hook does not keep the pool alive)
         self._atexit = _make_atexit(weakref.ref(self))
         atexit.register(self._atexit)
         try:
-            for i in range(num_workers):
-                core = cores[i % len(cores)] if cores else None
-                self._workers.append(self._spawn(i, core, spin_s))
+            for _ in range(num_workers):
+                core = cores[len(self._workers) % len(cores)] if cores else None
+                self._workers.append(self._spawn(self._new_index(), core, spin_s))
             self._wait_started(start_timeout_s)
+            if rendezvous_dir is not None:
+                try:
+                    self._rendezvous = RendezvousListener(Path(rendezvous_dir), self._on_join).start()
+                except RendezvousError as exc:
+                    if num_workers == 0:
+                        raise
+                    log.warning("cpu_prefill workers cannot join this engine: %s", exc)
+                self._publish_count()
         except BaseException:
             self.close()
             raise
+
+    def _new_index(self) -> int:
+        with self._lock:
+            self._next_index += 1
+            return self._next_index - 1
 
     def _spawn(self, index: int, core: int | None, spin_s: float | None) -> _Worker:
         channel = HandoffChannel.create(self.max_tokens, self.max_in, self.max_out)
         ours, theirs = self._ctx.Pipe()
         proc = self._ctx.Process(target=worker_main, args=(channel.name, theirs, os.getpid(), core, spin_s),
                                  name=f"cpu_prefill-{index}", daemon=True)
-        worker = _Worker(index, proc, channel, ours)
+        worker = _Worker(index, _Spawned(proc), channel, ours)
         try:
             proc.start()
         except BaseException:
@@ -103,16 +207,17 @@ class CpuPrefillPool:
         deadline = time.monotonic() + timeout_s
         for w in self._workers if workers is None else workers:
             while w.channel.ctrl[WORKER_PID] == 0:
-                if not w.process.is_alive():
-                    raise CpuAssistError(f"cpu_prefill worker {w.index} exited at start (code {w.process.exitcode})")
+                if not w.handle.alive():
+                    raise CpuAssistError(f"cpu_prefill worker {w.index} exited at start "
+                                         f"(code {w.handle.process.exitcode})")
                 if time.monotonic() > deadline:
                     raise CpuAssistTimeout(f"cpu_prefill worker {w.index} did not start in {timeout_s} s")
                 time.sleep(0.005)
 
     def add_workers(self, count: int, cores: list[int] | None = None, start_timeout_s: float = 120.0) -> None:
         """Start `count` more workers (the node scales its CPU side while serving); they take the next call."""
-        start = max((w.index for w in self._workers), default=-1) + 1
-        new = [self._spawn(start + i, cores[i % len(cores)] if cores else None, self._spin_s) for i in range(count)]
+        new = [self._spawn(self._new_index(), cores[i % len(cores)] if cores else None, self._spin_s)
+               for i in range(count)]
         self._workers.extend(new)
         try:
             self._wait_started(start_timeout_s, new)
@@ -120,14 +225,77 @@ class CpuPrefillPool:
             for w in new:
                 self._retire(w, "failed to start")
             raise
+        self._publish_count()
+
+    # ---- joiners (on the rendezvous' threads, then adopted by the engine thread) ---------------------------------
+    @property
+    def socket_path(self) -> Path | None:
+        """Where `caraserve serve cpu_prefill` processes join this pool (None: they cannot)."""
+        return self._rendezvous.path if self._rendezvous is not None else None
+
+    def _on_join(self, conn, info: dict) -> None:
+        """A joiner authenticated: give it a channel, wait until it has mapped it, queue it for the engine thread."""
+        if self._closed:
+            conn.close()
+            return
+        index = self._new_index()
+        channel = HandoffChannel.create(self.max_tokens, self.max_in, self.max_out)
+        try:
+            conn.send(("channel", {"name": channel.name, "index": index, "engine": self._rendezvous.name,
+                                   "engine_pid": os.getpid()}))
+            deadline = time.monotonic() + JOIN_ATTACH_TIMEOUT_S
+            while channel.ctrl[WORKER_PID] == 0:
+                if self._closed:
+                    raise CpuAssistError("the pool closed")
+                if conn.poll(0.005):  # it sends nothing more: EOF (it could not map the channel) or a bad peer
+                    raise CpuAssistError("disconnected before mapping its channel")
+                if time.monotonic() > deadline:
+                    raise CpuAssistTimeout(f"did not map its channel in {JOIN_ATTACH_TIMEOUT_S} s")
+            worker = _Worker(index, _Joined(conn, info), channel, conn)
+            with self._lock:
+                if self._closed:
+                    raise CpuAssistError("the pool closed")
+                self._joining.append(worker)
+        except (CpuAssistError, OSError, EOFError) as exc:
+            log.info("cpu_prefill joiner (pid %s on %s) not taken: %s", info.get("pid"), info.get("host"), exc)
+            conn.close()
+            channel.close()
+            return
+        log.info("cpu_prefill worker %d joined (pid %s on %s)", index, info.get("pid"), info.get("host"))
+        self._publish_count()
+
+    def _adopt(self) -> None:
+        with self._lock:
+            new, self._joining = self._joining, []
+        self._workers.extend(new)
+
+    def _publish_count(self) -> None:
+        if self._rendezvous is not None:
+            self._rendezvous.set_count(len(self._workers) + len(self._joining))
+
+    def _usable(self) -> list[_Worker]:
+        """Adopt new joiners, retire the dead and the idle leavers; the workers that take tasks now."""
+        if self._joining:
+            self._adopt()
+        usable = []
+        for w in list(self._workers):
+            if w.channel.leaving() and w.channel.idle():
+                self._retire(w, "left", level=logging.INFO)
+            elif not w.handle.alive():
+                self._retire(w, "disconnected" if w.joined else "exited")
+            elif not w.channel.leaving():
+                usable.append(w)  # (a leaving one still busy with an abandoned call's task goes once idle)
+        return usable
 
     # ---- queries -----------------------------------------------------------------------------------------------
     def alive(self) -> int:
-        """How many workers take tasks (retired ones excluded)."""
-        return sum(1 for w in self._workers if w.process.is_alive())
+        """How many workers take tasks (retired and leaving ones excluded); adopts workers that joined meanwhile.
+        Engine thread only."""
+        return len(self._usable())
 
     def pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers]
+        """The workers' pids (a joined worker's as it reported it: maybe of another pid namespace)."""
+        return [w.handle.pid for w in self._workers]
 
     def segment_names(self) -> list[str]:
         return [w.channel.name for w in self._workers]
@@ -164,9 +332,11 @@ class CpuPrefillPool:
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         adapter_id = self._adapter_ids.setdefault(host.segment, len(self._adapter_ids) + 1)
         task = (host, adapter_id, layer, GROUP_NAMES.index(group), out_features)
-        live = sum(1 for w in self._workers if w.process.is_alive())
-        if add_to is not None and 0 < n <= live * self.max_tokens:  # one round: add from the buffers directly
-            pending = self._round(task, x, 0, deadline)
+        workers = self._usable()
+        if not workers:
+            raise CpuAssistTimeout("no cpu_prefill worker is alive")
+        if add_to is not None and 0 < n <= len(workers) * self.max_tokens:  # one round: add from the buffers
+            pending = self._round(task, x, 0, deadline, workers)
             for w, _, s, e in pending:
                 out = w.channel.output_view(e - s, out_features)
                 add_to[s:e] += out if add_to.device.type == "cpu" else out.to(add_to.device, add_to.dtype)
@@ -174,7 +344,7 @@ class CpuPrefillPool:
         delta = torch.empty(n, out_features, dtype=torch.float32)
         done = 0
         while done < n:  # rounds only when n exceeds max_tokens per live worker
-            pending = self._round(task, x, done, deadline)
+            pending = self._round(task, x, done, deadline, workers)  # a worker lost raises: the set holds
             for w, _, s, e in pending:
                 delta[s:e] = w.channel.output_view(e - s, out_features)
             done = pending[-1][3]
@@ -183,14 +353,10 @@ class CpuPrefillPool:
             return add_to
         return delta
 
-    def _round(self, task: tuple, x: torch.Tensor, done: int, deadline: float) -> list[tuple[_Worker, int, int, int]]:
-        """Hand tokens done.. of x to the live workers (at most max_tokens each), wait for all; (worker, seq, s, e)."""
+    def _round(self, task: tuple, x: torch.Tensor, done: int, deadline: float, workers: list[_Worker]
+               ) -> list[tuple[_Worker, int, int, int]]:
+        """Hand tokens done.. of x to `workers` (at most max_tokens each), wait for all; (worker, seq, s, e)."""
         host, adapter_id, layer, group_idx, out_features = task
-        for w in [w for w in self._workers if not w.process.is_alive()]:
-            self._retire(w, "exited")  # died while idle: unlink its channel now
-        workers = list(self._workers)
-        if not workers:
-            raise CpuAssistTimeout("no cpu_prefill worker is alive")
         count = min(x.shape[0] - done, len(workers) * self.max_tokens)
         per, extra = divmod(count, len(workers))
         pending: list[tuple[_Worker, int, int, int]] = []
@@ -201,7 +367,11 @@ class CpuPrefillPool:
                 break
             self._wait_idle(w, deadline)
             if adapter_id not in w.known:  # the layout travels once, before the first task that needs it
-                w.conn.send(("adapter", adapter_id, host.to_dict()))
+                try:
+                    w.conn.send(("adapter", adapter_id, host.to_dict()))
+                except OSError:  # its end closed (it died or left) since it was last seen alive
+                    self._retire(w, "disconnected")
+                    raise CpuAssistTimeout(f"cpu_prefill worker {w.index} is gone") from None
                 w.known.add(adapter_id)
             seq = w.channel.submit(x[start : start + size], adapter_id, layer, group_idx, out_features)
             pending.append((w, seq, start, start + size))
@@ -242,7 +412,7 @@ class CpuPrefillPool:
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + LIVENESS_EVERY_S
-                dead = [w for w, seq, *_ in waiting if not w.process.is_alive() and not w.channel.done(seq)]
+                dead = [w for w, seq, *_ in waiting if not w.handle.alive() and not w.channel.done(seq)]
                 if dead:
                     for w in dead:
                         self._retire(w, "died")
@@ -258,32 +428,36 @@ class CpuPrefillPool:
         if failed and check_status:
             raise CpuAssistError(f"cpu_prefill worker(s) {failed} failed the task (see their log)")
 
-    def _retire(self, w: _Worker, why: str) -> None:
-        """Kill w (if still running), reap it, unlink its channel; the others carry on."""
-        log.warning("cpu_prefill worker %d (pid %s) %s; retiring it", w.index, w.process.pid, why)
-        if w.process.is_alive():
-            w.process.kill()
-        w.process.join(timeout=5)
+    def _retire(self, w: _Worker, why: str, level: int = logging.WARNING) -> None:
+        """Stop w (a spawned one killed and reaped, a joined one disconnected), unlink its channel; the others carry
+        on. A joined worker that is still there sees the stop flag or the closed connection and looks for an
+        engine again."""
+        log.log(level, "cpu_prefill worker %d (%s) %s; retiring it", w.index, w.handle.describe(), why)
+        w.channel.request_stop()
+        w.handle.kill()
         w.conn.close()
         w.channel.close()
         self._workers.remove(w)
+        self._publish_count()
 
     # ---- teardown ----------------------------------------------------------------------------------------------
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stop every worker (stop flag, then kill after timeout_s) and unlink every channel. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop accepting joiners, stop every worker (stop flag, then kill a spawned one after timeout_s), disconnect
+        the joined ones and unlink every channel. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         atexit.unregister(self._atexit)
-        for w in self._workers:
+        if self._rendezvous is not None:
+            self._rendezvous.close()  # no join in progress after this (they see _closed and give up)
+        with self._lock:
+            workers, self._joining = self._workers + self._joining, []
+        for w in workers:
             w.channel.request_stop()
         deadline = time.monotonic() + timeout_s
-        for w in self._workers:
-            if w.process.pid is not None:  # started
-                w.process.join(timeout=max(0.0, deadline - time.monotonic()))
-                if w.process.is_alive():
-                    w.process.kill()
-                    w.process.join(timeout=5)
+        for w in workers:
+            w.handle.stop(deadline - time.monotonic())
             w.conn.close()
             w.channel.close()
         self._workers.clear()

@@ -11,14 +11,17 @@ core and splits a segment's tokens across them. Per task (adapter id, layer, gro
 place from the host cache's segments (mapped once per adapter, cached). Which adapter an id names arrives over a
 control pipe before the first task that uses it: ("adapter", id, HostAdapter.to_dict()) and ("forget", id).
 
-The process exits on the channel's stop flag, when its parent dies (reparented: getppid changes), or when the
-control pipe closes.
+A spawned worker (the pool's child, `worker_main`) exits on the channel's stop flag, when its parent dies
+(reparented: getppid changes), or when the control pipe closes. A joined worker (`caraserve serve cpu_prefill`,
+services/cpu_prefill/join.py) runs the same loop, `serve_channel`, over the connection it joined through, and
+looks for the next engine when that loop ends.
 """
 from __future__ import annotations
 
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -116,24 +119,33 @@ class _Attachments:
             self._unmap(adapter_id)
 
 
-def worker_main(channel_name: str, conn, parent_pid: int, core: int | None = None, spin_s: float | None = None) -> None:
-    """The process entry (multiprocessing spawn target)."""
+def setup_process(core: int | None) -> None:
+    """One torch thread; pinned to `core` when given (a warning if that fails)."""
     torch.set_num_threads(1)
     if core is not None:
         try:
             os.sched_setaffinity(0, {core})
         except (OSError, AttributeError) as e:  # no such core, or not Linux: run unpinned
             log.warning("cpu_prefill worker: cannot pin to core %s: %s", core, e)
-    channel = HandoffChannel.attach(channel_name)
+
+
+def serve_channel(channel: HandoffChannel, conn, should_exit: Callable[[], bool] | None = None,
+                  spin_s: float | None = None) -> str:
+    """Answer the channel's tasks until told to stop; why it ended: "stop" (the channel's stop flag), "gone" (the
+    control connection closed) or "exit" (should_exit(), asked while idle, said so)."""
     adapters = _Attachments(conn)
     channel.set_worker(os.getpid())
+    why = "stop"
 
     def on_idle() -> bool:  # True: exit
-        if os.getppid() != parent_pid:
+        nonlocal why
+        if should_exit is not None and should_exit():
+            why = "exit"
             return True
         try:
             adapters.drain()
         except PoolGone:
+            why = "gone"
             return True
         return False
 
@@ -144,7 +156,7 @@ def worker_main(channel_name: str, conn, parent_pid: int, core: int | None = Non
             while True:
                 seq = channel.wait_request(last, on_idle, **kwargs)
                 if seq is None:
-                    break
+                    return why
                 status = STATUS_OK
                 try:
                     adapter_id, layer, group, n, in_w, out_w = channel.header()
@@ -155,7 +167,7 @@ def worker_main(channel_name: str, conn, parent_pid: int, core: int | None = Non
                     else:
                         lora_delta_(out, channel.input_view(n, in_w), gv)
                 except PoolGone:
-                    break
+                    return "gone"
                 except Exception:  # noqa: BLE001 - report the task as failed, keep serving
                     log.exception("cpu_prefill worker: task %d failed", seq)
                     status = STATUS_ERROR
@@ -163,4 +175,13 @@ def worker_main(channel_name: str, conn, parent_pid: int, core: int | None = Non
                 last = seq
     finally:
         adapters.close()
+
+
+def worker_main(channel_name: str, conn, parent_pid: int, core: int | None = None, spin_s: float | None = None) -> None:
+    """The process entry of a spawned worker (multiprocessing spawn target)."""
+    setup_process(core)
+    channel = HandoffChannel.attach(channel_name)
+    try:
+        serve_channel(channel, conn, lambda: os.getppid() != parent_pid, spin_s)
+    finally:
         channel.close()

@@ -31,6 +31,7 @@ from services.adapter_store.client import fetch_adapter, get_adapter
 from services.gpu_worker.engine.llm_engine import EngineRequestError, LLMEngine
 from services.gpu_worker.engine.sequence import FinishReason, RequestOutput, SamplingParams, SamplingParamsError
 from services.gpu_worker.output_view import visible_logprobs
+from services.scheduler.perf_model import PerfModel
 from shared.mesh_config import MeshConfig
 from shared.nats_client import MeshError, publish, subscribe_handler
 from shared.wire import ProtocolError, decode
@@ -51,6 +52,7 @@ from shared.protocol import (
 
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 10.0  # on stop, in-flight requests get this long to finish before they are failed
+MAX_FINISHED_REPORTED = 256  # finished requests' output lengths per heartbeat (the schedulers' averages)
 
 
 def default_worker_id() -> str:
@@ -78,9 +80,15 @@ class GpuWorkerService:
     name = "gpu_worker"
 
     def __init__(self, engine: LLMEngine, config: MeshConfig, worker_id: str | None = None,
-                 step_thread: ThreadPoolExecutor | None = None) -> None:
+                 step_thread: ThreadPoolExecutor | None = None, perf_model: PerfModel | None = None) -> None:
         self.engine = engine
         self.config = config
+        # the step costs rank-aware placement predicts with (None: the schedulers place here by load only)
+        self.perf_model = perf_model
+        self.slo_tpot_s = (config.slo_tpot_ms / 1e3 if config.slo_tpot_ms
+                           else perf_model.default_slo_tpot_s() if perf_model else 0.0)
+        self.slo_ttft_s = config.slo_ttft_ms / 1e3 if config.slo_ttft_ms else 0.0
+        self._finished: list[tuple[str, int]] = []  # (adapter, output tokens) since the last heartbeat
         self.worker_id = worker_id or config.worker_id or default_worker_id()
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.worker_id):
             raise ValueError(f"worker id {self.worker_id!r}: use letters, digits, '_' or '-' (max 64)")
@@ -104,6 +112,7 @@ class GpuWorkerService:
         # Steps always run on one thread, off the event loop. Give the thread that built the engine: on CPU a step
         # runs ~25% slower on another thread than the one that loaded the weights (measured; see build_worker).
         self._step_thread = step_thread or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self._perf_model_dict = perf_model.to_dict() if perf_model else None
         self._snapshot: WorkerHeartbeat = self._heartbeat()
 
     # ---- lifecycle ----
@@ -275,6 +284,9 @@ class GpuWorkerService:
                 continue
             if out.finished:
                 del self._running[out.request_id]
+                if out.finish_reason != FinishReason.ABORT:
+                    self._finished.append((entry.request.model if entry.request.model != self.engine.model_name
+                                           else "", out.completion_tokens))
             if out.finish_reason == FinishReason.ABORT:
                 if self._stopped.is_set():
                     await publish(self._nc, entry.request.reply_to, ErrorReply(
@@ -297,7 +309,14 @@ class GpuWorkerService:
     def _heartbeat(self) -> WorkerHeartbeat:
         engine = self.engine
         registered = engine.adapters.registered
-        ranks = [registered[s.adapter].max_rank if s.adapter in registered else 0 for s in engine.scheduler.running]
+
+        def rank(adapter: str | None) -> int:
+            return registered[adapter].max_rank if adapter in registered else 0
+
+        ranks = [rank(s.adapter) for s in engine.scheduler.running]
+        queued = [(s.prompt_len - s.num_computed, rank(s.adapter)) for s in engine.scheduler.waiting]
+        queued += [(a.request.prompt_tokens_hint(), rank(a.adapter)) for a in self._admissions]
+        gpu = engine.adapters.resident
         return WorkerHeartbeat(
             worker_id=self.worker_id, model=engine.model_name, base_fingerprint=self.base_fingerprint,
             max_model_len=engine.max_model_len, max_lora_rank=engine.config.max_lora_rank,
@@ -306,11 +325,16 @@ class GpuWorkerService:
             free_kv_blocks=engine.blocks.num_free, total_kv_blocks=engine.blocks.num_blocks,
             interval_s=self.config.heartbeat_interval, ready=self._accepting,
             device=self.device,
+            perf_model=self._perf_model_dict, slo_tpot_s=self.slo_tpot_s, slo_ttft_s=self.slo_ttft_s,
+            queued_prompts=queued, gpu_adapters=gpu,
+            host_adapters=[n for n in engine.adapter_names() if n not in gpu],
+            max_num_seqs=engine.config.max_num_seqs, block_size=engine.config.block_size,
         )
 
     async def _publish_heartbeat(self) -> None:
         hb = self._snapshot
         hb.ready = self._accepting
+        hb.finished, self._finished = self._finished[-MAX_FINISHED_REPORTED:], []
         await publish(self._nc, SUBJECT_HEARTBEAT, hb)
 
     async def _heartbeat_loop(self) -> None:
@@ -329,8 +353,10 @@ class GpuWorkerService:
 
 def serve_command(args) -> int:
     """`caraserve serve gpu_worker`."""
-    from services.cli import mesh_config, run_mesh_service
+    from services.cli import CLIError, mesh_config, run_mesh_service
+    from services.gpu_worker.profiler import load_or_profile
     from services.gpu_worker.run_batch import build_engine
+    from services.scheduler.perf_model import PerfModelError
 
     config = mesh_config(args)
     args.served_model_name, args.data_dir = config.served_model_name, config.data_dir
@@ -342,7 +368,11 @@ def serve_command(args) -> int:
         step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         engine = step_thread.submit(build_engine, args).result()  # loaded on the thread that will step it
         engines.append(engine)
-        return GpuWorkerService(engine, config, worker_id, step_thread)
+        try:  # profiled on the step thread too: the times it measures are the ones requests will see
+            perf_model = step_thread.submit(load_or_profile, engine, config.perf_model, config.data_dir).result()
+        except PerfModelError as exc:
+            raise CLIError(f"--perf-model: {exc}") from None
+        return GpuWorkerService(engine, config, worker_id, step_thread, perf_model)
 
     try:
         return run_mesh_service(build, config, "gpu_worker")

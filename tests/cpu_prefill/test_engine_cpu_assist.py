@@ -64,9 +64,9 @@ def reference(tiny_model):
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
-def test_always_equals_off(tiny_model, reference, workers):
+def test_always_equals_off(tiny_model, reference, workers, tmp_path):
     before = shm_entries()
-    results, engine = run(tiny_model, cpu_assist="always", cpu_workers=workers)
+    results, engine = run(tiny_model, cpu_assist="always", cpu_workers=workers, data_dir=str(tmp_path))
     try:
         assert engine.cpu_assist.pool.alive() == workers
         assert engine.cpu_assist.fallbacks == 0
@@ -79,10 +79,10 @@ def test_always_equals_off(tiny_model, reference, workers):
     assert shm_entries() <= before  # every segment (host cache, channels) unlinked
 
 
-def test_stalled_worker_falls_back_and_completes(tiny_model, reference):
+def test_stalled_worker_falls_back_and_completes(tiny_model, reference, tmp_path):
     model_dir, adapters = tiny_model
     engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=64, block_size=8, max_num_batched_tokens=24,
-                                    cpu_assist="always", cpu_workers=2))
+                                    cpu_assist="always", cpu_workers=2, data_dir=str(tmp_path)))
     try:
         for name, path in adapters.items():
             engine.load_adapter(name, path)
@@ -105,5 +105,18 @@ def test_stalled_worker_falls_back_and_completes(tiny_model, reference):
 def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="cpu_assist must be off or always"):
         EngineConfig(cpu_assist="sometimes")
-    with pytest.raises(ConfigError, match="cpu_workers must be >= 1"):
-        EngineConfig(cpu_assist="always", cpu_workers=0)
+    with pytest.raises(ConfigError, match="cpu_workers must be >= 0"):
+        EngineConfig(cpu_assist="always", cpu_workers=-1)
+    EngineConfig(cpu_assist="always", cpu_workers=0)  # only `caraserve serve cpu_prefill` processes then
+
+
+def test_no_worker_means_device_path(tiny_model, reference, tmp_path):
+    """cpu_workers 0 and nobody joined: every prefill on the device, with no failed call and no warning."""
+    results, engine = run(tiny_model, cpu_assist="always", cpu_workers=0, data_dir=str(tmp_path))
+    try:
+        assert engine.cpu_assist.pool.alive() == 0 and engine.cpu_assist.pool.socket_path.exists()
+        assert engine.cpu_assist.backend.cpu_ranges == 0 and engine.cpu_assist.fallbacks == 0
+    finally:
+        engine.close()
+    assert [r.token_ids for r in results] == [r.token_ids for r in reference]
+    assert not list(tmp_path.glob("run/cpu_prefill/*.sock"))

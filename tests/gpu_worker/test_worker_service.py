@@ -162,3 +162,50 @@ async def test_requests_of_a_silent_gateway_are_aborted(engine, worker, client):
             break
         await asyncio.sleep(0.05)
     assert engine.blocks.num_free == engine.blocks.num_blocks and engine.adapters.pinned == {}
+
+
+async def test_heartbeats_carry_what_rank_aware_placement_needs(nats_server, engine, client):
+    from services.scheduler.perf_model import PerfModel
+
+    model = PerfModel(form="sum_rank", decode_base_s=0.03, decode_per_seq_s=0.001, decode_per_rank_s=1e-5,
+                      prefill_base_s=0.02, prefill_per_token_s=2e-4, prefill_per_token_rank_s=1e-7,
+                      no_lora_tpot_s=0.04)
+    nc = await connect(nats_server.url, "test-worker-model")
+    service = GpuWorkerService(engine, MeshConfig(nats_url=nats_server.url, heartbeat_interval=0.2, worker_timeout=1.0,
+                                                  slo_ttft_ms=500), "w-model", perf_model=model)
+    got: asyncio.Queue = asyncio.Queue()
+
+    async def on_hb(msg):
+        hb = decode(msg.data, WorkerHeartbeat)
+        if hb.worker_id == "w-model":
+            await got.put(hb)
+
+    await client.subscribe(SUBJECT_HEARTBEAT, cb=on_hb)
+    await service.start(nc)
+    try:
+        hb = await asyncio.wait_for(got.get(), 5)
+        assert PerfModel.from_dict(hb.perf_model) == model
+        assert hb.slo_tpot_s == pytest.approx(1.5 * 0.04) and hb.slo_ttft_s == pytest.approx(0.5)
+        assert hb.max_num_seqs == 8 and hb.block_size == engine.config.block_size
+        inbox = client.new_inbox()
+        done = asyncio.Event()
+
+        async def on_chunk(msg):
+            if decode(msg.data, TokenChunk, ErrorReply).finished:
+                done.set()
+
+        await client.subscribe(inbox, cb=on_chunk)
+        await publish(client, worker_subject("w-model", "generate"), GenerateRequest(
+            request_id="fin-1", kind="completion", model=engine.model_name, reply_to=inbox, prompt="Hello",
+            sampling={"max_tokens": 3, "temperature": 0.0, "ignore_eos": True}))
+        await asyncio.wait_for(done.wait(), 60)
+        for _ in range(50):  # the output length reaches the schedulers once, with the next heartbeat
+            hb = await asyncio.wait_for(got.get(), 5)
+            if hb.finished:
+                break
+        assert hb.finished == [("", 3)]
+        hb = await asyncio.wait_for(got.get(), 5)
+        assert hb.finished == []
+    finally:
+        await service.stop()
+        await nc.close()

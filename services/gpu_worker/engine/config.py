@@ -41,7 +41,9 @@ class EngineConfig:
     # triton on the CPU only under TRITON_INTERPRET=1, the Triton interpreter: slow, for tests)
     attention_backend: str = "auto"
     # off | always: CPU-assisted prefill (services/cpu_prefill). always: every prefill LoRA delta of an adapter is
-    # computed by `cpu_workers` worker processes from the host adapter cache (shared memory, `host_cache_gb`)
+    # computed by cpu_prefill worker processes from the host adapter cache (shared memory, `host_cache_gb`):
+    # `cpu_workers` spawned by the engine, plus `caraserve serve cpu_prefill` processes joining through
+    # <data_dir>/run/cpu_prefill/ (0: only those; until one joins, prefills take the device path)
     cpu_assist: str = "off"
     cpu_workers: int = 2
     host_cache_gb: float = 4.0
@@ -61,8 +63,8 @@ class EngineConfig:
         if self.cpu_assist not in ("off", "always"):
             raise ConfigError(f"cpu_assist must be off or always, got {self.cpu_assist!r} "
                               "(auto, for cold adapters on a GPU, arrives with the pipelined GPU loader)")
-        if self.cpu_workers < 1:
-            raise ConfigError(f"cpu_workers must be >= 1, got {self.cpu_workers}")
+        if self.cpu_workers < 0:
+            raise ConfigError(f"cpu_workers must be >= 0, got {self.cpu_workers}")
         if self.host_cache_gb <= 0:
             raise ConfigError(f"host_cache_gb must be > 0, got {self.host_cache_gb}")
         for name in ("attention_backend", "lora_backend"):

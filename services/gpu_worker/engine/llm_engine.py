@@ -100,6 +100,7 @@ class LLMEngine:
             self.cpu_assist = CpuAssist(
                 self.model, self.adapters, c.num_hidden_layers, widths, num_workers=config.cpu_workers,
                 max_tokens=config.max_num_batched_tokens, host_cache_bytes=int(config.host_cache_gb * 2**30),
+                data_dir=config.data_dir,  # cpu_prefill processes join at <data dir>/run/cpu_prefill/
             )
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens)
@@ -137,7 +138,14 @@ class LLMEngine:
             raise EngineRequestError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
         if name == self.model_name:
             raise EngineRequestError(f"adapter name {name!r} is the base model's name")
-        adapter = load_adapter(path, self.base_shape, self.config.max_lora_rank, name=name)
+        return self.register_adapter(load_adapter(path, self.base_shape, self.config.max_lora_rank, name=name))
+
+    def register_adapter(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """Register an adapter already validated against this base model (load_adapter, or built in memory as
+        the profiler's random adapters are)."""
+        if adapter.max_rank > self.config.max_lora_rank:
+            raise EngineRequestError(f"adapter {adapter.name!r} has rank {adapter.max_rank}, above this engine's "
+                                     f"max_lora_rank {self.config.max_lora_rank}")
         try:
             self.adapters.register(adapter)
         except ValueError as e:  # in use or being removed: retry later

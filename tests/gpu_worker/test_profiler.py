@@ -1,0 +1,110 @@
+"""`caraserve profile` and the worker's start-up model: the real engine is measured, the fit is sane, the engine is
+left as it was (no adapters, no requests, every KV block free), the model file is cached and reused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.cli import main
+from services.gpu_worker import profiler
+from services.gpu_worker.engine.config import EngineConfig
+from services.gpu_worker.engine.llm_engine import LLMEngine
+from services.gpu_worker.profiler import ProfileSettings, load_or_profile, profile_engine, random_adapter
+from services.scheduler.perf_model import PerfModel, PerfModelError
+
+TINY = ProfileSettings(batch_sizes=(1, 3), ranks=(8, 32), prompt_lengths=(8, 48), repeats=1)
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_path):
+    return LLMEngine(EngineConfig(model=str(default_model_path), max_num_seqs=8, num_kv_blocks=64, max_loras=4))
+
+
+def test_random_adapter_fits_the_base(engine):
+    adapter = random_adapter(engine, 16, seed=1)
+    assert adapter.max_rank == 16 and len(adapter.modules) == engine.base_shape.num_layers * 7
+    for m in adapter.modules:
+        fan_in, fan_out = engine.base_shape.module_shapes[m.module]
+        assert m.lora_a.shape == (16, fan_in) and m.lora_b.shape == (fan_out, 16)
+
+
+def test_decode_mixes_cover_base_uniform_cycled_and_skewed():
+    mixes = ProfileSettings(batch_sizes=(1, 4), ranks=(8, 64)).decode_mixes()
+    assert [0] in mixes and [8] in mixes and [64] * 4 in mixes
+    assert [8, 64, 8, 64] in mixes and [64, 8, 8, 8] in mixes
+    assert len(mixes) == len({tuple(m) for m in mixes})
+
+
+def test_settings_fitted_to_the_engine_limits(engine):
+    s = ProfileSettings(batch_sizes=(1, 8, 64), ranks=(8, 512), prompt_lengths=(16, 10**6)).fitted_to(engine)
+    assert s.batch_sizes == (1, 8) and s.ranks == (8,) and s.prompt_lengths == (16,)
+    with pytest.raises(PerfModelError, match="nothing to profile"):
+        ProfileSettings(ranks=(1024,)).fitted_to(engine)
+
+
+def test_profile_measures_the_engine_and_leaves_it_clean(engine):
+    free = engine.blocks.num_free
+    model = profile_engine(engine, TINY, show_progress=False)
+    assert model.form in ("max_rank", "sum_rank") and model.device == "cpu" and model.lora_backend == "torch"
+    assert set(model.r2) == {"max_rank", "sum_rank", "prefill"}
+    assert model.no_lora_tpot_s > 0 and model.samples > 6 and "caraserve profile" in model.source
+    # predictions grow with work (coefficients are non-negative, and something was measured)
+    assert model.decode_step_s([32, 32, 32]) >= model.decode_step_s([8]) > 0
+    assert model.prefill_s([(48, 32)]) > model.prefill_s([(8, 0)]) > 0
+    assert engine.adapter_names() == [] and not engine.has_unfinished() and engine.blocks.num_free == free
+
+
+def test_busy_engine_is_not_profiled(engine):
+    from services.gpu_worker.engine.sequence import SamplingParams
+
+    engine.add_request("busy", "hello", SamplingParams(max_tokens=2))
+    try:
+        with pytest.raises(PerfModelError, match="busy"):
+            profile_engine(engine, TINY, show_progress=False)
+    finally:
+        engine.abort("busy")
+        engine.step()
+
+
+def test_load_or_profile_uses_the_file_then_the_cache(engine, tmp_path, monkeypatch):
+    with pytest.raises(PerfModelError, match="no performance model file"):
+        load_or_profile(engine, str(tmp_path / "missing.json"), str(tmp_path))
+    calls = []
+
+    def fake_profile(eng, settings, **kw):  # counts calls; returns a real measurement of a tiny profile
+        calls.append(settings)
+        return profile_engine(eng, TINY, show_progress=False)
+
+    monkeypatch.setattr(profiler, "profile_engine", fake_profile)
+    first = load_or_profile(engine, None, str(tmp_path))
+    assert len(calls) == 1 and calls[0] == ProfileSettings.quick()  # no file: the quick profile, then cached
+    cached = profiler.default_model_path(engine, str(tmp_path))
+    assert cached.is_relative_to(tmp_path / "perf_models") and PerfModel.load(cached) == first
+    assert load_or_profile(engine, None, str(tmp_path)) == first and len(calls) == 1  # reused, not re-measured
+    explicit = tmp_path / "given.json"
+    first.save(explicit)
+    assert load_or_profile(engine, str(explicit), str(tmp_path)) == first and len(calls) == 1
+
+
+def test_profile_command_writes_the_model(default_model_path, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    code = main(["profile", "--model", str(default_model_path), "-o", str(out), "--batch-sizes", "1,2",
+                 "--ranks", "8", "--prompt-lengths", "8,32", "--repeats", "1", "--data-dir", str(tmp_path)])
+    assert code == 0
+    model = PerfModel.load(out)
+    assert json.loads(out.read_text())["form"] == model.form
+    err = capsys.readouterr().err
+    assert f"wrote {out}" in err and "R²" in err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--ranks", "8,x", "--ranks must be a comma-separated list of integers"),
+    ("--batch-sizes", "0", "--batch-sizes must list positive integers"),
+    ("--repeats", "0", "--repeats must be >= 1"),
+])
+def test_profile_command_bad_flags(flag, value, message, capsys):
+    assert main(["profile", flag, value]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"caraserve profile: error: {message}, got {value!r}" if flag != "--repeats"
+                   else f"caraserve profile: error: {message}, got {value}"]
