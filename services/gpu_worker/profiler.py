@@ -32,6 +32,7 @@ from shared.adapters import LORA_TARGETS, LoRAAdapter, LoRAModuleWeights
 log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "caraserve-profile-r"
+POOR_FIT_R2 = 0.8  # below this `caraserve profile` warns that the machine was probably busy
 
 
 @dataclass
@@ -244,6 +245,15 @@ def describe(model: PerfModel) -> str:
             f"{r2.get('prefill', float('nan')):.3f}, no-LoRA time per token {model.no_lora_tpot_s * 1e3:.1f} ms")
 
 
+def poor_fit_warning(model: PerfModel) -> str | None:
+    """A sentence when the fit is poor (the timings were noisy), else None."""
+    worst = min(model.r2.get(model.form, 0.0), model.r2.get("prefill", 0.0))
+    if worst >= POOR_FIT_R2:
+        return None
+    return (f"the fit is poor (R² {worst:.2f} < {POOR_FIT_R2}): the timings were noisy — was something else running? "
+            "Profile again on an idle machine (caraserve profile), or with more --repeats")
+
+
 def load_or_profile(engine, path: str | None, data_dir: str | None = None) -> PerfModel:
     """The worker's model: from `path` (must exist), else the cached default, else a quick profile (cached)."""
     if path:
@@ -263,6 +273,9 @@ def load_or_profile(engine, path: str | None, data_dir: str | None = None) -> Pe
     model = profile_engine(engine, ProfileSettings.quick())
     model.save(cached)
     log.info("profiled: %s", describe(model))
+    warning = poor_fit_warning(model)
+    if warning:
+        log.warning("%s; delete %s to profile again at the next start", warning, cached)
     return model
 
 
@@ -306,4 +319,7 @@ def profile_command(args) -> int:
         engine.close()
     print(describe(model), file=sys.stderr)
     print(f"wrote {out}", file=sys.stderr)
+    warning = poor_fit_warning(model)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0

@@ -108,3 +108,14 @@ def test_profile_command_bad_flags(flag, value, message, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"caraserve profile: error: {message}, got {value!r}" if flag != "--repeats"
                    else f"caraserve profile: error: {message}, got {value}"]
+
+
+def test_a_poor_fit_is_flagged():
+    from services.gpu_worker.profiler import poor_fit_warning
+    from services.scheduler.perf_model import PerfModel
+
+    base = dict(form="sum_rank", decode_base_s=0.03, decode_per_seq_s=0.001, decode_per_rank_s=1e-5,
+                prefill_base_s=0.02, prefill_per_token_s=2e-4, prefill_per_token_rank_s=1e-7, no_lora_tpot_s=0.04)
+    assert poor_fit_warning(PerfModel(**base, r2={"sum_rank": 0.97, "max_rank": 0.9, "prefill": 0.99})) is None
+    warning = poor_fit_warning(PerfModel(**base, r2={"sum_rank": 0.35, "max_rank": 0.3, "prefill": 0.99}))
+    assert "R² 0.35" in warning and "idle machine" in warning
