@@ -165,8 +165,8 @@ _SERVICES = {
     "scheduler": ("places requests on GPU workers (replicas share the work)", "services.scheduler.service:serve_command",
                   ["worker_timeout", "request_timeout", "placement_policy"], False),
     "gpu_worker": ("the engine: one per GPU, or one on the CPU", "services.gpu_worker.service:serve_command",
-                   ["worker_id", "heartbeat_interval", "request_timeout", "perf_model", "slo_tpot_ms", "slo_ttft_ms"],
-                   True),
+                   ["worker_id", "heartbeat_interval", "request_timeout", "perf_model", "slo_tpot_ms", "slo_ttft_ms",
+                    "max_cpu_loras"], True),
     "adapter_store": ("adapter registry and blobs in NATS JetStream", "services.adapter_store.service:serve_command",
                       ["request_timeout"], True),
 }
@@ -190,9 +190,12 @@ def _add_up(commands) -> None:
                     "stops everything cleanly on Ctrl-C or SIGTERM.",
     )
     add_mesh_args(up, ["host", "port", "nats_port", "api_key", "admin_key", "max_pending", "max_upload_mb", "heartbeat_interval", "worker_timeout", "trace_exporter",
-                       "log_level", "placement_policy", "perf_model", "slo_tpot_ms", "slo_ttft_ms"])
+                       "log_level", "placement_policy", "perf_model", "slo_tpot_ms", "slo_ttft_ms", "max_cpu_loras"])
     up.add_argument("--workers", type=int, default=1, metavar="N", help="gpu_worker processes to start (default: 1)")
     up.add_argument("--no-demo-adapters", action="store_true", help="do not register the shipped demo adapters")
+    up.add_argument("--ready-timeout", type=float, metavar="S",
+                    help="give up if the mesh does not serve within S seconds; a first start loads the model and "
+                         "profiles the worker once (default: 600)")
     add_engine_args(up)
     up.set_defaults(handler="services.up:up_command")
 

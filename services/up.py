@@ -37,7 +37,7 @@ from shared.nats_server import EmbeddedNatsServer, NatsServerError, free_port, i
 from shared.paths import data_dir as default_data_dir
 
 READY_MARKER = "caraserve up: ready"
-READY_TIMEOUT = 300.0  # seconds for the first gpu_worker to load the model and the gateway to see it
+READY_TIMEOUT = 600.0  # default --ready-timeout: the first gpu_worker loads the model (and profiles it once)
 POLL_INTERVAL = 0.2
 # Engine flags passed through to gpu_worker and adapter_store (none of them secret).
 _ENGINE_FLAGS = ("model", "served_model_name", "dtype", "device", "max_lora_rank", "max_loras", "max_num_seqs",
@@ -63,6 +63,7 @@ class Plan:
     workers: int
     engine_argv: list[str]  # engine flags for gpu_worker and adapter_store
     demo_adapters: bool
+    ready_timeout: float  # seconds to wait for the mesh to serve
 
     @property
     def local_host(self) -> str:
@@ -97,6 +98,9 @@ def _prepare(args) -> Plan:
             raise CLIError(f"--perf-model: {exc}") from None
     if args.workers < 1:
         raise CLIError(f"--workers must be >= 1, got {args.workers}")
+    ready_timeout = READY_TIMEOUT if args.ready_timeout is None else args.ready_timeout
+    if not ready_timeout > 0:
+        raise CLIError(f"--ready-timeout must be > 0, got {ready_timeout:g}")
     if config.port == 0:
         config.port = free_port(config.host or "127.0.0.1")
     if config.nats_port == 0:
@@ -118,7 +122,7 @@ def _prepare(args) -> Plan:
             engine_argv += [f"--{name.replace('_', '-')}", str(value)]
     return Plan(config=config, data_dir=data, model=model,
                 served_model_name=config.served_model_name or model.name, workers=args.workers,
-                engine_argv=engine_argv, demo_adapters=not args.no_demo_adapters)
+                engine_argv=engine_argv, demo_adapters=not args.no_demo_adapters, ready_timeout=ready_timeout)
 
 
 def _child_env(plan: Plan, nats_url: str, api_key: str, admin_key: str) -> dict[str, str]:
@@ -209,7 +213,8 @@ def _http_get(url: str, token: str | None = None, timeout: float = 2.0) -> tuple
 
 
 def _wait_ready(plan: Plan, supervisor: Supervisor, stop: _StopSignals) -> bool:
-    """Poll /readyz until 200 (True), a stop signal (False); CLIError after READY_TIMEOUT; GiveUp passes through."""
+    """Poll /readyz until 200 (True), a stop signal (False); CLIError after plan.ready_timeout; GiveUp passes
+    through."""
     started = time.monotonic()
     last_state, last_shown = "", 0.0
     while stop.received is None:
@@ -220,13 +225,13 @@ def _wait_ready(plan: Plan, supervisor: Supervisor, stop: _StopSignals) -> bool:
         if status is None:
             state = "starting the services"
         elif supervisor.running("gpu_worker"):
-            state = "gpu_worker loading the model"
+            state = "gpu_worker loading the model (on a first start, also profiling it)"
         else:
             state = "waiting for a gpu_worker"
         now = time.monotonic()
-        if now - started > READY_TIMEOUT:
-            raise CLIError(f"the mesh was not ready within {READY_TIMEOUT:g}s ({state}); stopped everything, "
-                           "see the services' log lines above")
+        if now - started > plan.ready_timeout:
+            raise CLIError(f"the mesh was not ready within {plan.ready_timeout:g}s ({state}); stopped everything, "
+                           "see the services' log lines above (a slower machine: --ready-timeout)")
         if state != last_state or now - last_shown >= 15:
             _say(f"waiting for the mesh: {state}... ({now - started:.0f}s)")
             last_state, last_shown = state, now

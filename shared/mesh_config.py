@@ -39,6 +39,7 @@ class MeshConfig:
     perf_model: str | None = None  # gpu_worker: its performance model file (caraserve profile); None: cached/profiled
     slo_tpot_ms: float | None = None  # gpu_worker: SLO on time per output token; None: 1.5 × its no-LoRA time
     slo_ttft_ms: float | None = None  # gpu_worker: SLO on time to first token; None: none
+    max_cpu_loras: int = 64  # gpu_worker: adapters from the store kept in host memory (LRU beyond it)
 
     def __post_init__(self) -> None:
         for name in ("port", "nats_port"):
@@ -49,6 +50,8 @@ class MeshConfig:
                 raise MeshConfigError(f"--{_flag(name)} must be > 0, got {getattr(self, name)}")
         if self.worker_timeout <= self.heartbeat_interval:
             raise MeshConfigError("--worker-timeout must be longer than --heartbeat-interval")
+        if self.max_cpu_loras < 1:
+            raise MeshConfigError(f"--max-cpu-loras must be >= 1, got {self.max_cpu_loras}")
         if self.max_pending < 1:
             raise MeshConfigError(f"--max-pending must be >= 1, got {self.max_pending}")
         if self.trace_exporter not in ("none", "console", "otlp"):
@@ -88,6 +91,8 @@ _HELP = {
     "slo_tpot_ms": "SLO on time per output token in ms, prefill included (default: 1.5 x the worker's measured "
                    "time per token without LoRA)",
     "slo_ttft_ms": "SLO on time to first token in ms (default: none)",
+    "max_cpu_loras": "adapters fetched from the store that a worker keeps in host memory; beyond it the least "
+                     "recently used idle ones are dropped and fetched again when asked for (default: 64)",
 }
 
 

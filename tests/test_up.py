@@ -289,8 +289,9 @@ def test_up_refuses_a_busy_port(tmp_path, busy):
     (["--placement-policy", "fastest"], "--placement-policy must be one of rank_aware, random, round_robin, "
                                         "most_idle, first_fit, got 'fastest'"),
     (["--perf-model", "/no/such/model.json"], "--perf-model: no performance model file at /no/such/model.json"),
+    (["--ready-timeout", "0"], "--ready-timeout must be > 0, got 0"),
 ])
-def test_up_refuses_bad_placement_settings_before_starting_anything(tmp_path, flags, message, capsys):
+def test_up_refuses_bad_settings_before_starting_anything(tmp_path, flags, message, capsys):
     from services.cli import main
 
     assert main(["up", "--data-dir", str(tmp_path / "data"), *flags]) == 1

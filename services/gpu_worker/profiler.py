@@ -250,7 +250,8 @@ def poor_fit_warning(model: PerfModel) -> str | None:
     worst = min(model.r2.get(model.form, 0.0), model.r2.get("prefill", 0.0))
     if worst >= POOR_FIT_R2:
         return None
-    return (f"the fit is poor (R² {worst:.2f} < {POOR_FIT_R2}): the timings were noisy — was something else running? "
+    return (f"the fit is poor (R² {worst:.2f} < {POOR_FIT_R2}): the timings were noisy (was something else running?) "
+            "or do not follow the linear model (small CPU batches often do not). "
             "Profile again on an idle machine (caraserve profile), or with more --repeats")
 
 

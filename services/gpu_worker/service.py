@@ -21,6 +21,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,9 @@ class GpuWorkerService:
         self._unloads: list[str] = []
         self._running: dict[str, _Running] = {}
         self._fetching: dict[str, asyncio.Future] = {}  # adapter name -> its fetch, shared by concurrent requests
+        self._last_used: OrderedDict[str, None] = OrderedDict()  # adapters requested here, least recent first
+        self._wanted: dict[str, int] = {}  # adapter -> requests between arrival and admission
+        self._fetched: dict[str, Path] = {}  # adapter -> its files in _adapter_dir
         self._loads: list[tuple[str, Path, asyncio.Future]] = []  # fetched adapters for the loop to load
         self._gateways_seen: dict[str, float] = {}  # gateway id -> monotonic time of its last heartbeat
         self._accepting = False
@@ -167,13 +171,27 @@ class GpuWorkerService:
             except (SamplingParamsError, TypeError) as exc:
                 raise MeshError.of(400, str(exc)) from None
             adapter = None if request.model == self.engine.model_name else request.model
-            if adapter is not None and adapter not in self.engine.adapter_names():
-                await self._ensure_adapter(adapter)
         except MeshError as exc:
             await publish(self._nc, request.reply_to, exc.reply)
             return
+        if adapter is not None:
+            self._wanted[adapter] = self._wanted.get(adapter, 0) + 1  # not evicted until admitted (or refused)
+            try:
+                if adapter not in self.engine.adapter_names():
+                    await self._ensure_adapter(adapter)
+            except MeshError as exc:
+                self._unwant(adapter)
+                await publish(self._nc, request.reply_to, exc.reply)
+                return
+            self._last_used[adapter] = None
+            self._last_used.move_to_end(adapter)
         self._admissions.append(_Admission(request, params, adapter))
         self._wake.set()
+
+    def _unwant(self, adapter: str) -> None:
+        self._wanted[adapter] -= 1
+        if not self._wanted[adapter]:
+            del self._wanted[adapter]
 
     async def on_cancel(self, msg, cancel: CancelRequest) -> None:
         self._cancels.append(cancel.request_id)
@@ -220,6 +238,7 @@ class GpuWorkerService:
             raise MeshError.of(400, f"adapter {name!r} was made for another base model ({info.base_model})",
                                code="adapter_base_mismatch")
         path = await fetch_adapter(self._js, info, self._adapter_dir)
+        self._fetched[name] = path
         loaded = asyncio.get_running_loop().create_future()
         self._loads.append((name, path, loaded))
         self._wake.set()
@@ -254,6 +273,7 @@ class GpuWorkerService:
                 future.set_exception(MeshError.of(getattr(exc, "status", 400), str(exc), code="adapter_unavailable"))
         unloads, self._unloads = self._unloads, []
         for name in unloads:
+            self._last_used.pop(name, None)
             if name in self.engine.adapter_names():
                 self.engine.unload_adapter(name)
                 log.info("adapter %s unloaded (deleted from the store)", name)
@@ -262,6 +282,8 @@ class GpuWorkerService:
         for request_id in cancels:
             self.engine.abort(request_id)  # frees its KV blocks and adapter reference; final output next step
         for a in admissions:
+            if a.adapter is not None:
+                self._unwant(a.adapter)  # pinned by the engine from here on, if admitted
             if a.request.request_id in cancels:
                 if self._stopped.is_set():
                     errors.append((a.request.reply_to, ErrorReply(
@@ -275,7 +297,24 @@ class GpuWorkerService:
                 errors.append((req.reply_to, ErrorReply(exc.status, str(exc), code=exc.code)))
                 continue
             self._running[req.request_id] = _Running(req, a.params)
+        self._evict_idle_adapters()
         return errors
+
+    def _evict_idle_adapters(self) -> None:
+        """Keep at most max_cpu_loras fetched adapters in host memory: unload the least recently used ones that no
+        request holds or waits for (a later request fetches them again; their files go too)."""
+        excess = len(self._last_used) - self.config.max_cpu_loras
+        if excess <= 0:
+            return
+        busy = self.engine.adapters.pinned.keys() | self.engine.adapters.in_use.keys() | self._wanted.keys()
+        for name in [n for n in self._last_used if n not in busy][:excess]:
+            del self._last_used[name]
+            if name in self.engine.adapter_names():
+                self.engine.unload_adapter(name)
+            path = self._fetched.pop(name, None)
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
+            log.info("adapter %s unloaded: least recently used of more than %d", name, self.config.max_cpu_loras)
 
     async def _publish_outputs(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

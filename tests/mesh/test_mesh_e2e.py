@@ -171,3 +171,24 @@ async def test_bad_requests_through_the_whole_mesh(mesh):
                                         n=2)
     ok = await c.completions.create(model=mesh.engine.model_name, prompt="hi", max_tokens=2)  # still serving
     assert ok.usage.completion_tokens == 2
+
+
+@pytest.mark.slow
+async def test_worker_keeps_at_most_max_cpu_loras_fetched_adapters(mesh, reference_engine):
+    await register_demo_adapters(mesh)
+    first, second = list(DEMO_ADAPTERS)[:2]
+    mesh.config.max_cpu_loras = 1
+    try:
+        c = client(mesh)
+        expected = offline(reference_engine, "completion", first)
+        assert await ask(c, "completion", first, False) == expected
+        assert first in mesh.engine.adapter_names() and first in mesh.worker._fetched
+        first_dir = mesh.worker._fetched[first]
+        await ask(c, "completion", second, False)
+        names = mesh.engine.adapter_names()
+        assert second in names and first not in names  # the least recently used one made room
+        assert first not in mesh.worker._fetched and not first_dir.exists()
+        assert await ask(c, "completion", first, False) == expected  # fetched again on demand
+        assert first in mesh.engine.adapter_names() and second not in mesh.engine.adapter_names()
+    finally:
+        mesh.config.max_cpu_loras = 64
