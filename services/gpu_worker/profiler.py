@@ -142,37 +142,30 @@ class _Profiler:
         self._drain()
         return DecodeSample(list(ranks), statistics.median(times))
 
+    def _time_request(self, prompt: list[int], max_tokens: int, rank: int) -> float:
+        """Seconds of engine steps until one request (alone on the engine) finishes."""
+        rid = f"profile-{next(self.ids)}"
+        self.engine.add_request(rid, prompt, self.sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                                adapter=self.adapter(rank))
+        total = 0.0
+        while self.engine.has_unfinished():
+            dt, outputs = self._step()
+            total += dt
+            if any(o.request_id == rid and o.finished for o in outputs):
+                break
+        self._drain()
+        return total
+
     def prefill(self, n: int, rank: int) -> PrefillSample:
-        times = []
-        for rep in range(self.s.repeats):
-            rid = f"profile-{next(self.ids)}"
-            self.engine.add_request(rid, self.prompt(n, rep), self.sampling(max_tokens=1, temperature=0.0,
-                                                                            ignore_eos=True), adapter=self.adapter(rank))
-            total = 0.0
-            while self.engine.has_unfinished():
-                dt, outputs = self._step()
-                total += dt
-                if any(o.request_id == rid and o.finished for o in outputs):
-                    break
-            self._drain()
-            times.append(total)
+        """The step(s) that prefill one n-token prompt (and sample its only token)."""
+        times = [self._time_request(self.prompt(n, rep), 1, rank) for rep in range(self.s.repeats)]
         return PrefillSample(n, rank, statistics.median(times))
 
     def no_lora_tpot(self, prompt: int = 64, tokens: int = 32) -> float:
-        per_token = []
-        for rep in range(max(2, self.s.repeats // 2)):
-            rid = f"profile-{next(self.ids)}"
-            self.engine.add_request(rid, self.prompt(prompt, rep), self.sampling(max_tokens=tokens, temperature=0.0,
-                                                                                 ignore_eos=True))
-            total = 0.0
-            while self.engine.has_unfinished():
-                dt, outputs = self._step()
-                total += dt
-                if any(o.request_id == rid and o.finished for o in outputs):
-                    break
-            self._drain()
-            per_token.append(total / tokens)
-        return statistics.median(per_token)
+        """A base-model request end to end, per output token (prefill included)."""
+        runs = max(2, self.s.repeats // 2)
+        return statistics.median(self._time_request(self.prompt(prompt, rep), tokens, 0) / tokens
+                                 for rep in range(runs))
 
 
 def profile_engine(engine, settings: ProfileSettings | None = None, *, show_progress: bool = True,
