@@ -369,3 +369,20 @@ def test_children_die_with_the_supervisor():
         parent.wait()
         if child is not None and _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_up_leaves_a_core_to_the_other_services(tmp_path, monkeypatch, default_model_path):
+    from services import up
+    from services.cli import build_parser
+
+    def plan(*flags):
+        args = build_parser().parse_args(["up", "--port", "0", "--nats-port", "0", "--data-dir", str(tmp_path),
+                                          "--model", str(default_model_path), *flags])
+        argv = up._prepare(args).engine_argv
+        return argv[argv.index("--threads") + 1] if "--threads" in argv else None
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert plan() == str(max(1, up._usable_cores() - 1))
+    assert plan("--threads", "3") == "3"  # the user's choice wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert plan() is None  # so does the environment's

@@ -231,6 +231,8 @@ def build_engine(args: argparse.Namespace):
              "max_num_seqs", "max_num_batched_tokens", "attention_backend", "lora_backend", "cpu_assist",
              "cpu_workers")
     settings = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "threads", None) is not None:
+        settings["num_threads"] = args.threads
     start = time.perf_counter()
     try:
         engine = LLMEngine(EngineConfig(**settings))
