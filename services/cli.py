@@ -35,8 +35,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-loras", type=int, metavar="N", help="adapters resident at once (default: 8)")
     group.add_argument("--max-num-seqs", type=int, metavar="N", help="sequences running at once (default: 64)")
     group.add_argument("--threads", type=int, metavar="N",
-                       help="torch CPU threads of the engine (default: torch's choice, the usable cores; "
-                            "`caraserve up` gives its workers one core fewer, left to the other services)")
+                       help="torch CPU threads of the engine (default: torch's choice, the usable cores)")
     group.add_argument("--max-num-batched-tokens", type=int, metavar="N",
                        help="tokens per engine step, prefill chunks and decodes together (default: 512)")
     group.add_argument("--lora-backend", choices=("auto", "torch", "triton"),

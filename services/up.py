@@ -88,10 +88,6 @@ def _port_in_use(host: str, port: int) -> bool:
         raise CLIError(f"cannot listen on host {host!r}: {exc.strerror}: pass --host or set CARASERVE_HOST") from None
 
 
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _prepare(args) -> Plan:
     """Validate the settings and ports, provision the model; CLIError (one line) for what the user can fix."""
     config = mesh_config(args)
@@ -120,11 +116,6 @@ def _prepare(args) -> Plan:
         model = resolve_model(args.model, str(data))  # converts the default GGUF once, with a progress bar
     except ModelNotFoundError as exc:
         raise CLIError(str(exc)) from None
-    if args.threads is None and not os.environ.get("OMP_NUM_THREADS"):
-        # the workers share this machine with the gateway, NATS, the scheduler and the clients: torch threads that
-        # fill every core slow to a crawl when those need a core (measured on 2 cores: 117 -> 72 tokens/s with
-        # 2 threads against a half-busy core, 100 with 1), so leave one core to them
-        args.threads = max(1, _usable_cores() - 1)
     engine_argv: list[str] = []
     for name in _ENGINE_FLAGS:
         value = getattr(args, name, None)
