@@ -180,8 +180,8 @@ class WorkerHeartbeat:
     slo_tpot_s: float = 0.0  # its SLO on time per output token, prefill included (0: none)
     slo_ttft_s: float = 0.0  # its SLO on time to first token (0: none)
     queued_prompts: list[tuple[int, int]] = field(default_factory=list)  # (prompt tokens, rank) of each queued request
-    gpu_adapters: list[str] = field(default_factory=list)  # adapters in its GPU adapter pool (no load needed)
-    host_adapters: list[str] = field(default_factory=list)  # adapters in its node's host cache (CPU-assist ready)
+    # adapters in its GPU adapter pool (no load needed); the rest of resident_adapters wait in host memory
+    gpu_adapters: list[str] = field(default_factory=list)
     max_num_seqs: int = 0  # batch capacity (0: unknown)
     block_size: int = 16  # tokens per KV block (free_kv_blocks × block_size = room in tokens)
     # (adapter, output tokens) of requests finished since the last heartbeat ("" for the base model)

@@ -355,7 +355,6 @@ class GpuWorkerService:
         ranks = [rank(s.adapter) for s in engine.scheduler.running]
         queued = [(s.prompt_len - s.num_computed, rank(s.adapter)) for s in engine.scheduler.waiting]
         queued += [(a.request.prompt_tokens_hint(), rank(a.adapter)) for a in self._admissions]
-        gpu = engine.adapters.resident
         return WorkerHeartbeat(
             worker_id=self.worker_id, model=engine.model_name, base_fingerprint=self.base_fingerprint,
             max_model_len=engine.max_model_len, max_lora_rank=engine.config.max_lora_rank,
@@ -365,8 +364,7 @@ class GpuWorkerService:
             interval_s=self.config.heartbeat_interval, ready=self._accepting,
             device=self.device,
             perf_model=self._perf_model_dict, slo_tpot_s=self.slo_tpot_s, slo_ttft_s=self.slo_ttft_s,
-            queued_prompts=queued, gpu_adapters=gpu,
-            host_adapters=[n for n in engine.adapter_names() if n not in gpu],
+            queued_prompts=queued, gpu_adapters=engine.adapters.resident,
             max_num_seqs=engine.config.max_num_seqs, block_size=engine.config.block_size,
         )
 

@@ -50,7 +50,7 @@ class WorkerState:
             running_ranks=list(hb.running_ranks),
             queued=[tuple(q) for q in hb.queued_prompts] + [(r.prompt_tokens, r.rank) for r in self.placed],
             gpu_adapters=frozenset(hb.gpu_adapters),
-            host_adapters=frozenset(hb.host_adapters) | frozenset(hb.resident_adapters) - frozenset(hb.gpu_adapters),
+            host_adapters=frozenset(hb.resident_adapters) - frozenset(hb.gpu_adapters),
             max_lora_rank=hb.max_lora_rank,
             max_running=hb.max_num_seqs or 2**31,
             free_kv_tokens=max(0, hb.free_kv_blocks * hb.block_size - placed_tokens),
