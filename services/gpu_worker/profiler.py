@@ -100,6 +100,7 @@ class _Profiler:
         self.sampling = SamplingParams
         self.vocab = engine.hf_config.vocab_size
         self.ids = itertools.count()
+        self.added: list[str] = []  # request ids added since the last drain
         self.device = engine.config.torch_device()
 
     def prompt(self, n: int, salt: int) -> list[int]:
@@ -115,20 +116,24 @@ class _Profiler:
         outputs = self.engine.step()  # sampled tokens come back to the host: the step has finished on the device
         return time.perf_counter() - start, outputs
 
+    def _add(self, prompt: list[int], max_tokens: int, rank: int) -> str:
+        rid = f"profile-{next(self.ids)}"
+        self.engine.add_request(rid, prompt, self.sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+                                adapter=self.adapter(rank))
+        self.added.append(rid)
+        return rid
+
     def _drain(self) -> None:
-        for rid in [r for r in list(self.engine._seqs) if r.startswith("profile-")]:
+        """Abort what the profiler added that is still running (finished ones are no-ops) and flush the engine."""
+        for rid in self.added:
             self.engine.abort(rid)
+        self.added.clear()
         while self.engine.has_unfinished():
             self.engine.step()
 
     def decode(self, ranks: list[int]) -> DecodeSample:
         steps = self.s.repeats
-        rids = []
-        for i, r in enumerate(ranks):
-            rid = f"profile-{next(self.ids)}"
-            self.engine.add_request(rid, self.prompt(8, i), self.sampling(max_tokens=steps + 4, temperature=0.0,
-                                                                          ignore_eos=True), adapter=self.adapter(r))
-            rids.append(rid)
+        rids = [self._add(self.prompt(8, i), steps + 4, r) for i, r in enumerate(ranks)]
         started: set[str] = set()
         for _ in range(64):  # prefill every sequence (one step unless the batch exceeds the token budget)
             _, outputs = self._step()
@@ -144,9 +149,7 @@ class _Profiler:
 
     def _time_request(self, prompt: list[int], max_tokens: int, rank: int) -> float:
         """Seconds of engine steps until one request (alone on the engine) finishes."""
-        rid = f"profile-{next(self.ids)}"
-        self.engine.add_request(rid, prompt, self.sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
-                                adapter=self.adapter(rank))
+        rid = self._add(prompt, max_tokens, rank)
         total = 0.0
         while self.engine.has_unfinished():
             dt, outputs = self._step()
