@@ -180,7 +180,9 @@ async def test_worker_keeps_at_most_max_cpu_loras_fetched_adapters(mesh, referen
     mesh.config.max_cpu_loras = 1
     try:
         c = client(mesh)
-        expected = offline(reference_engine, "completion", first)
+        # off the event loop: the services' heartbeats share it, and a blocked loop for over worker_timeout (1 s)
+        # gets the worker declared lost
+        expected = await asyncio.to_thread(offline, reference_engine, "completion", first)
         assert await ask(c, "completion", first, False) == expected
         assert first in mesh.engine.adapter_names() and first in mesh.worker._fetched
         first_dir = mesh.worker._fetched[first]
