@@ -63,6 +63,21 @@ async def connect(url: str, name: str, **options: Any) -> NATS:
         raise ConnectionError(f"cannot connect to NATS at {redact(url)}: {reason}") from None
 
 
+async def sync_with_server(nc: NATS) -> None:
+    """Return once the server has processed everything sent on `nc` so far (subscriptions included).
+
+    nats-py's own `flush()` is not enough: it writes its PING straight to the socket while the SUB commands may
+    still sit in the client's pending buffer, so the PONG can come back before the server knows the
+    subscriptions, and a request sent right after "started" gets no_responders. Writing the pending buffer first
+    (and waiting for it) puts the PING behind them.
+    """
+    if nc.is_closed:
+        raise ConnectionError("the NATS connection is closed")
+    if nc.is_connected:
+        await nc._flush_pending(force_flush=True)  # noqa: SLF001 - see the docstring; no public call does this
+    await nc.flush()
+
+
 async def publish(nc: NATS, subject: str, message: Any, reply: str = "") -> None:
     await nc.publish(subject, encode(message), reply=reply, headers=telemetry.inject())
 

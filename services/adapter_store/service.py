@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from services.adapter_store.store import AdapterStore
 from shared.adapters import BaseModelShape
 from shared.mesh_config import MeshConfig
-from shared.nats_client import publish, subscribe_handler
+from shared.nats_client import publish, subscribe_handler, sync_with_server
 from shared.protocol import (
     ADAPTER_STORE_QUEUE, SUBJECT_ADAPTER_DELETE, SUBJECT_ADAPTER_EVENTS, SUBJECT_ADAPTER_GET, SUBJECT_ADAPTER_LIST,
     SUBJECT_ADAPTER_REGISTER, AdapterEvent, AdapterInfo, AdapterList, AdapterQuery, ListAdapters, RegisterAdapter,
@@ -53,7 +53,7 @@ class AdapterStoreService:
         for subject, message_type, handler in routes:
             self._subs.append(await subscribe_handler(nc, subject, (message_type,), handler, queue=ADAPTER_STORE_QUEUE,
                                                       span_name=f"adapter_store {subject.rsplit('.', 1)[-1]}"))
-        await nc.flush()  # the server has the subscriptions: "started" means requests find us
+        await sync_with_server(nc)  # the server has the subscriptions: "started" means requests find us
 
     async def stop(self) -> None:
         """Stop taking requests; a request being handled finishes (up to _DRAIN_TIMEOUT_S)."""

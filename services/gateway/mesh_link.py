@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 
 from services.adapter_store.client import get_adapter
 from shared.mesh_config import MeshConfig
-from shared.nats_client import MeshError, publish, request, subscribe_handler
+from shared.nats_client import MeshError, publish, request, subscribe_handler, sync_with_server
 from shared.openai_protocol import ParsedRequest, model_not_found
 from shared.protocol import (
     SUBJECT_ADAPTER_EVENTS, SUBJECT_GATEWAY_HEARTBEAT, SUBJECT_GENERATE, SUBJECT_HEARTBEAT, SUBJECT_WORKER_LOST,
@@ -88,7 +88,7 @@ class GatewayMesh:
                                                   self._on_adapter_event))
         self._watchdog = asyncio.create_task(self._watch_workers(), name="gateway-watchdog")
         self._heartbeats = asyncio.create_task(self._send_heartbeats(), name="gateway-heartbeats")
-        await self.nc.flush()  # the server has the subscriptions before the first request goes out
+        await sync_with_server(self.nc)  # the server has the subscriptions before the first request goes out
 
     async def _send_heartbeats(self) -> None:
         """Tell the workers this gateway still reads its streams (they abort the requests of a silent one)."""

@@ -34,7 +34,7 @@ from services.gpu_worker.engine.sequence import FinishReason, RequestOutput, Sam
 from services.gpu_worker.output_view import visible_logprobs
 from services.scheduler.perf_model import PerfModel
 from shared.mesh_config import MeshConfig
-from shared.nats_client import MeshError, publish, subscribe_handler
+from shared.nats_client import MeshError, publish, subscribe_handler, sync_with_server
 from shared.wire import ProtocolError, decode
 from shared.protocol import (
     SUBJECT_ADAPTER_EVENTS,
@@ -131,7 +131,7 @@ class GpuWorkerService:
                                     span_name="worker.adapter_event"),
             await nc.subscribe(SUBJECT_GATEWAY_HEARTBEAT, cb=self.on_gateway_heartbeat),  # frequent: no span
         ]
-        await nc.flush()  # the server has the subscriptions before we announce ourselves
+        await sync_with_server(nc)  # the server has the subscriptions before we announce ourselves
         self._accepting = True
         self._tasks = [asyncio.create_task(self._engine_loop()), asyncio.create_task(self._heartbeat_loop())]
         await self._publish_heartbeat()

@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from services.adapter_store.client import get_adapter
 from services.scheduler.placement import NoWorkerError, Placer, RankTooHighError, WorkerRegistry
 from shared.mesh_config import MeshConfig
-from shared.nats_client import MeshError, publish, subscribe_handler
+from shared.nats_client import MeshError, publish, subscribe_handler, sync_with_server
 from shared.protocol import (
     SCHEDULER_QUEUE,
     SUBJECT_ADAPTER_EVENTS,
@@ -57,7 +57,7 @@ class SchedulerService:
                                     span_name="scheduler.adapter_event"),
         ]
         self._watchdog = asyncio.create_task(self._watch_workers())
-        await nc.flush()  # the server has the subscriptions: "started" means requests find us
+        await sync_with_server(nc)  # the server has the subscriptions: "started" means requests find us
 
     async def stop(self) -> None:
         for sub in self._subs:

@@ -20,7 +20,7 @@ from services.adapter_store.client import (
 from services.adapter_store.service import AdapterStoreService, build_store_service
 from services.adapter_store.store import AdapterStore
 from shared.adapters import BaseModelShape
-from shared.nats_client import MeshError, connect, request
+from shared.nats_client import MeshError, connect, request, sync_with_server
 from shared.nats_server import EmbeddedNatsServer
 from shared.protocol import (
     ADAPTER_BLOB_BUCKET, ADAPTER_FILES, ADAPTER_NAME_PATTERN, SUBJECT_ADAPTER_EVENTS, SUBJECT_ADAPTER_LIST,
@@ -82,7 +82,7 @@ async def collect_events(nc) -> asyncio.Queue:
         await events.put(decode(msg.data, AdapterEvent))
 
     await nc.subscribe(SUBJECT_ADAPTER_EVENTS, cb=on_event)
-    await nc.flush()
+    await sync_with_server(nc)
     return events
 
 

@@ -20,7 +20,7 @@ from nats.aio.msg import Msg
 
 from services.gateway.service import GatewayService
 from shared.mesh_config import MeshConfig
-from shared.nats_client import connect, publish, respond
+from shared.nats_client import connect, publish, respond, sync_with_server
 from shared.protocol import (
     SCHEDULER_QUEUE, SUBJECT_GENERATE, SUBJECT_HEARTBEAT, SUBJECT_WORKER_LOST, CancelRequest, ErrorReply,
     GenerateRequest, Placement, TokenChunk, TokenLogprobs, WorkerHeartbeat, WorkerLost, worker_subject,
@@ -63,7 +63,7 @@ class ScriptedWorker:
         self._subs.append(await self.nc.subscribe(worker_subject(self.worker_id, "cancel"), cb=self._on_cancel))
         await self.heartbeat()
         self._beating = asyncio.create_task(self._beat())
-        await self.nc.flush()
+        await sync_with_server(self.nc)
         return self
 
     async def heartbeat(self) -> None:
@@ -71,7 +71,7 @@ class ScriptedWorker:
             worker_id=self.worker_id, model=self.model, base_fingerprint="f" * 16, max_model_len=2048,
             max_lora_rank=64, running=0, queued=0, running_ranks=[], resident_adapters=[], free_kv_blocks=100,
             total_kv_blocks=100, interval_s=self.interval))
-        await self.nc.flush()
+        await sync_with_server(self.nc)
 
     async def _beat(self) -> None:
         while True:
