@@ -44,13 +44,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention-backend", choices=("auto", "torch", "triton"),
                        help="attention over the paged KV cache: Triton kernels or the torch SDPA path "
                             "(default: auto = triton on CUDA, torch on CPU)")
-    group.add_argument("--cpu-assist", choices=("off", "always"),
-                       help="CPU-assisted prefill: 'always' computes every prefill LoRA delta on cpu_prefill worker "
-                            "processes from a shared-memory adapter cache; besides its own, `caraserve serve "
+    group.add_argument("--cpu-assist", choices=("off", "auto", "always"),
+                       help="CPU-assisted prefill: 'auto' (on a GPU) starts a cold adapter's prefill at once while its "
+                            "layers load to the GPU by groups, the LoRA deltas of layers not yet loaded computed by "
+                            "cpu_prefill worker processes (no GPU: as off); 'always' computes every prefill LoRA "
+                            "delta on those workers (tests, CPU benchmarks); besides its own, `caraserve serve "
                             "cpu_prefill` processes with the same --data-dir join it while it serves (default: off)")
     group.add_argument("--cpu-workers", type=int, metavar="N",
-                       help="cpu_prefill worker processes the engine starts itself with --cpu-assist always; 0: only "
-                            "joined ones (the device path while none is there) (default: 2)")
+                       help="cpu_prefill worker processes the engine starts itself with --cpu-assist auto or always; "
+                            "0: only joined ones (the device path while none is there) (default: 2)")
     group.add_argument("--data-dir", metavar="DIR",
                        help="cache for converted models, and the mesh's JetStream store "
                             "(default: $CARASERVE_DATA_DIR or ~/.cache/caraserve)")

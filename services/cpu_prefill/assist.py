@@ -9,8 +9,12 @@ Modes (EngineConfig.cpu_assist):
   off     every LoRA delta on the engine's device (on a GPU: wait for the adapter to load, the S-LoRA baseline).
   always  every prefill range of an adapter held in the host cache is computed by the workers (tests and
           benchmarks on machines without a GPU; on a GPU it measures the handoff under load).
-The GPU mode the paper describes (only cold adapters, only until their layers have landed on the device) needs the
-pipelined GPU loader and comes with it.
+  auto    the paper's mechanism, on a GPU: when a step needs an adapter that is not in a device slot, its slot is
+          filled by a pipelined load (services/gpu_worker/lora/pipelined_load.py: layer groups on a side stream)
+          and the step runs at once: the prefill delta of every layer whose group has not landed comes from the
+          workers, the landed layers use the device kernels. A slot's decode tokens (and a range whose worker
+          failed) wait for its whole load, on the device stream (the host does not block). Once loaded, the
+          adapter is an ordinary resident one. Without a live worker a cold adapter loads as with off.
 
 Workers: `num_workers` processes spawned by the engine, plus any `caraserve serve cpu_prefill` process of the node
 that joins through the engine's socket in <data dir>/run/cpu_prefill/ (services/cpu_prefill/rendezvous.py); they
@@ -26,7 +30,11 @@ from services.cpu_prefill.backend import CpuAssistLoRABackend
 from services.cpu_prefill.host_cache import HostAdapter, HostAdapterCache, HostCacheError
 from services.cpu_prefill.pool import CpuPrefillPool
 from services.cpu_prefill.rendezvous import RendezvousError, run_dir
+from services.gpu_worker.lora.pipelined_load import LayerGroupLoad, LoadError, PipelinedLoader, layer_groups
 from shared.adapters import LoRAAdapter
+
+# an adapter's layers load in this many groups (the artifact: 32 layers in 4 groups)
+LOAD_GROUPS = 4
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +42,16 @@ log = logging.getLogger(__name__)
 class CpuAssist:
     def __init__(self, model, adapters, num_layers: int, part_widths: dict[str, int], *, num_workers: int,
                  max_tokens: int, host_cache_bytes: int, timeout_s: float = 5.0, data_dir: str | None = None,
-                 accept_joiners: bool = True) -> None:
+                 accept_joiners: bool = True, mode: str = "always", reserve_slot=None,
+                 loader: PipelinedLoader | None = None, load_groups: int = LOAD_GROUPS) -> None:
+        """`mode` always or auto. auto needs `reserve_slot(adapter) -> (slot content, write(layers))` (the
+        engine's device tier: the content goes in the slot at once, `write` fills it layer group by group) and
+        `loader` (a side stream on CUDA)."""
+        if mode not in ("always", "auto"):
+            raise ValueError(f"CpuAssist mode must be always or auto, got {mode!r}")
+        if mode == "auto" and (reserve_slot is None or loader is None):
+            raise ValueError("CpuAssist auto needs reserve_slot and loader")
+        self.mode = mode
         self.adapters = adapters  # the engine's AdapterCache: which adapter is in which slot
         self.num_layers = num_layers
         self.part_widths = part_widths
@@ -54,7 +71,18 @@ class CpuAssist:
             self.host.close()
             raise
         self._held: dict[str, HostAdapter] = {}  # adapters registered with the engine and in the host cache
-        self.backend = CpuAssistLoRABackend(model.lora_backend, self.pool, self.host_adapter_of)
+        self.pipelined_loads = 0  # cold adapters loaded pipelined (auto), for tests and stats
+        if mode == "auto":
+            self._reserve_slot, self.loader = reserve_slot, loader
+            self._groups = layer_groups(num_layers, load_groups)
+            self._loads: dict[str, tuple[LayerGroupLoad, object, object]] = {}  # name -> (load, content, write)
+            self._build_resident, self._free_resident = adapters.build_slot, adapters.free_slot
+            adapters.build_slot, adapters.free_slot = self._build_slot, self._free_slot
+            self.backend = CpuAssistLoRABackend(model.lora_backend, self.pool, self.host_adapter_of,
+                                                on_cpu=self._on_cpu, on_fallback=self._finish_load,
+                                                on_device=self._finish_load)
+        else:
+            self.backend = CpuAssistLoRABackend(model.lora_backend, self.pool, self.host_adapter_of)
         model.lora_backend = self.backend
         log.info("CPU-assisted prefill: %d cpu_prefill workers spawned, %s, host adapter cache %.0f MiB",
                  num_workers, f"others join at {self.pool.socket_path}" if self.pool.socket_path else "no joiners",
@@ -64,6 +92,9 @@ class CpuAssist:
         """Lay a newly registered adapter out in the host cache (held until `remove`); if it does not fit, its
         prefills stay on the device."""
         self.remove(adapter.name)
+        if self.mode == "auto" and self.loader.device.type == "cuda":  # the side stream's copies are async only
+            for m in adapter.modules:                                   # from pinned memory
+                m.lora_a, m.lora_b = m.lora_a.pin_memory(), m.lora_b.pin_memory()
         try:
             self.host.put(adapter, self.num_layers, self.part_widths)
             self._held[adapter.name] = self.host.acquire(adapter.name)
@@ -78,8 +109,72 @@ class CpuAssist:
             self.host.evict(name)
 
     def host_adapter_of(self, slot: int) -> HostAdapter | None:
+        """The host copy the workers compute `slot`'s prefill from this step, or None (the device computes it):
+        always: every held adapter; auto: only an adapter whose load is still under way."""
         name = self.adapters.name_in_slot(slot)
-        return self._held.get(name) if name is not None else None
+        if name is None:
+            return None
+        if self.mode == "auto":
+            entry = self._loads.get(name)
+            if entry is None:
+                return None
+            if entry[0].done():
+                del self._loads[name]  # landed: an ordinary resident adapter from now on
+                return None
+        return self._held.get(name)
+
+    # ---- auto: pipelined loads ----
+    def _build_slot(self, adapter: LoRAAdapter):
+        """AdapterCache's slot filler in auto mode: a cold adapter the workers can cover loads pipelined."""
+        if adapter.name not in self._held or not self.pool.alive():
+            return self._build_resident(adapter)
+        content, write = self._reserve_slot(adapter)
+        self._loads[adapter.name] = (self.loader.start(self._groups, write), content, write)
+        self.pipelined_loads += 1
+        return content
+
+    def _free_slot(self, content) -> None:
+        """A slot is emptied: a load still writing into it finishes first (its rows or tensors are reused)."""
+        for name, (load, loaded, _) in list(self._loads.items()):
+            if loaded is content:
+                del self._loads[name]
+                try:
+                    load.wait()
+                except LoadError:
+                    pass  # nothing will read it
+        if self._free_resident is not None:
+            self._free_resident(content)
+
+    def _on_cpu(self, slot: int, layer: int) -> bool:
+        name = self.adapters.name_in_slot(slot)
+        entry = self._loads.get(name) if name is not None else None
+        return entry is not None and not entry[0].landed(layer)
+
+    def _finish_load(self, slot: int) -> None:
+        """The device computes `slot`'s ranges: make its load complete first (decode, a worker that failed)."""
+        name = self.adapters.name_in_slot(slot)
+        entry = self._loads.pop(name, None) if name is not None else None
+        if entry is None:
+            return
+        load, content, write = entry
+        try:
+            load.wait_on_device()
+        except LoadError as exc:
+            log.warning("pipelined load of adapter %s failed (%s); loading it again at once", name, exc)
+            write(range(self.num_layers))
+
+    def wait_for_loads(self) -> None:
+        """Block until every load under way is complete (before pool rows move, and at close)."""
+        for load, _, _ in list(self._loads.values()):
+            try:
+                load.wait()
+            except LoadError:
+                pass  # _finish_load writes it again if the adapter is still needed
+
+    @property
+    def loading(self) -> list[str]:
+        """Adapters whose pipelined load is under way (not yet seen complete)."""
+        return sorted(self._loads) if self.mode == "auto" else []
 
     @property
     def fallbacks(self) -> int:
@@ -87,5 +182,7 @@ class CpuAssist:
 
     def close(self) -> None:
         """Stop the workers (joined ones leave), remove the socket, unlink every shared-memory segment (idempotent)."""
+        if self.mode == "auto":
+            self.wait_for_loads()
         self.pool.close()
         self.host.close()

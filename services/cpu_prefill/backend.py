@@ -12,6 +12,8 @@ of the step:
 
 `prefill_ranges` (token ranges [start, end) of the step's prefill chunks in the flat batch) tells prefill from
 decode; None treats every token as prefill (cpu_assist=always on a CPU machine with prefill-only steps).
+`on_device(slot)`, when given, is called in prepare for every slot with ranges on the inner backend this step (the
+engine's hook to make a slot that is still loading complete first: decode tokens need every layer).
 When the pool raises CpuAssistError (a worker died, stalled or failed) the range falls back to the inner backend
 for that call, after `on_fallback(slot)` (the engine's hook to wait for the adapter's load), with a warning.
 Workers come and go (joined cpu_prefill processes): a step that starts with none alive is not assisted at all
@@ -74,12 +76,15 @@ class CpuAssistLoRABackend:
         host_adapter_of: Callable[[int], HostAdapter | None],
         on_cpu: Callable[[int, int], bool] | None = None,
         on_fallback: Callable[[int], None] | None = None,
+        on_device: Callable[[int], None] | None = None,
     ) -> None:
         self.inner = inner  # TorchLoRABackend or TritonLoRABackend: decode, resident adapters, fallback
         self.pool = pool
         self.host_adapter_of = host_adapter_of  # slot -> its host-cache copy if CPU-assisted this step, else None
         self.on_cpu = on_cpu  # (slot, layer) -> whether that layer's LoRA still runs on the CPU; None: always
         self.on_fallback = on_fallback  # called with the slot before a range falls back to the inner backend
+        self.on_device = on_device  # called (in prepare) with each slot whose ranges the inner backend will compute
+        self.landed_ranges = 0  # assisted ranges of layers already loaded, so on the inner backend (likewise)
         self.fallbacks = 0  # ranges that fell back (a counter for tests and metrics)
         self.cpu_ranges = 0  # ranges whose delta the workers computed (likewise)
 
@@ -101,6 +106,9 @@ class CpuAssistLoRABackend:
             pre, other = _split(seg, prefill)
             assisted.extend((p, host) for p in pre)
             rest.extend(other)
+        if self.on_device is not None:  # e.g. a slot still loading: its decode waits for the load
+            for slot in sorted({seg[0] for seg in rest}):
+                self.on_device(slot)
         step = CpuAssistStep(rest, assisted, slots)
         info.kernel_meta = step
         self._inner_info(step, ())  # the common case (every assisted range on the CPU), prepared up front
@@ -150,6 +158,7 @@ class CpuAssistLoRABackend:
                     self.on_fallback(slot)
                     called.add(slot)
                 failed.append((slot, start, end))
+        self.landed_ranges += len(on_gpu)
         extra = tuple(seg for seg, _ in on_gpu) + tuple(failed)
         sub = self._inner_info(step, tuple(sorted(extra, key=lambda s: s[1])))
         if sub is not None:

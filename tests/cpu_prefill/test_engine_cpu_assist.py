@@ -1,6 +1,10 @@
 """The engine with cpu_assist=always (every prefill LoRA delta on cpu_prefill worker processes) against
 cpu_assist=off: same greedy tokens and logprobs for adapters of several ranks and target sets, several requests in
-one step, 1, 2 and 4 workers; a stalled worker falls back; nothing is left in /dev/shm after close()."""
+one step, 1, 2 and 4 workers; a stalled worker falls back; nothing is left in /dev/shm after close().
+
+cpu_assist=auto pipelines cold adapters' loads on a GPU only; here `pipelines_loads` is made true so that the CPU
+runs the same code with the thread loader (services/gpu_worker/lora/pipelined_load.py), its groups held back by
+the test to fix which layers are on the workers and which landed."""
 from __future__ import annotations
 
 import os
@@ -9,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+import threading
+
+from services.gpu_worker.engine import llm_engine
 from services.gpu_worker.engine.config import ConfigError, EngineConfig
 from services.gpu_worker.engine.llm_engine import LLMEngine
 from services.gpu_worker.engine.sequence import SamplingParams
@@ -103,7 +110,7 @@ def test_stalled_worker_falls_back_and_completes(tiny_model, reference, tmp_path
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ConfigError, match="cpu_assist must be off or always"):
+    with pytest.raises(ConfigError, match="cpu_assist must be off, auto or always"):
         EngineConfig(cpu_assist="sometimes")
     with pytest.raises(ConfigError, match="cpu_workers must be >= 0"):
         EngineConfig(cpu_assist="always", cpu_workers=-1)
@@ -120,3 +127,152 @@ def test_no_worker_means_device_path(tiny_model, reference, tmp_path):
         engine.close()
     assert [r.token_ids for r in results] == [r.token_ids for r in reference]
     assert not list(tmp_path.glob("run/cpu_prefill/*.sock"))
+
+
+class GroupGate:
+    """before_group for the thread loader: group g of every load is written once `allow(g + 1)` was called."""
+
+    def __init__(self) -> None:
+        self.allowed = 0
+        self.cond = threading.Condition()
+
+    def __call__(self, group: int) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.allowed > group, timeout=60):
+                raise TimeoutError("the test never allowed this group")
+
+    def allow(self, groups: int) -> None:
+        with self.cond:
+            self.allowed = groups
+            self.cond.notify_all()
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    event = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        event.wait(0.01)
+    raise AssertionError("timed out")
+
+
+def auto_engine(tiny_model, tmp_path, monkeypatch, **config) -> LLMEngine:
+    monkeypatch.setattr(llm_engine, "pipelines_loads", lambda device: True)
+    model_dir, adapters = tiny_model
+    engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=64, block_size=8, max_num_batched_tokens=24,
+                                    cpu_assist="auto", data_dir=str(tmp_path), **config))
+    for name, path in adapters.items():
+        engine.load_adapter(name, path)
+    return engine
+
+
+def test_auto_is_off_without_a_gpu(tiny_model, tmp_path):
+    results, engine = run(tiny_model, cpu_assist="auto", data_dir=str(tmp_path))
+    try:
+        assert engine.cpu_assist is None  # nothing to overlap on a CPU device: no workers spawned
+    finally:
+        engine.close()
+
+
+def test_auto_prefills_on_the_workers_while_the_layers_land(tiny_model, tmp_path, monkeypatch):
+    """One cold adapter, a prompt of three chunks: chunk 1 with no layer landed (all on the workers), chunk 2 with
+    the first group landed (layer 0 on the device, 1-2 on the workers), chunk 3 loaded (all on the device); then
+    decode. Tokens and logprobs equal cpu_assist off."""
+    prompt = list(range(5, 65))  # 60 tokens: chunks of 24, 24, 12
+    params = SamplingParams(max_tokens=5, temperature=0.0, logprobs=True)
+    model_dir, adapters = tiny_model
+    off = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=64, block_size=8, max_num_batched_tokens=24))
+    off.load_adapter("r16-all", adapters["r16-all"])
+    want = off.generate([prompt], params, ["r16-all"])[0]
+
+    before = shm_entries()
+    engine = auto_engine(tiny_model, tmp_path, monkeypatch, cpu_workers=2)
+    assist = engine.cpu_assist
+    gate = GroupGate()
+    assist.loader.before_group = gate
+    try:
+        engine.add_request("r", prompt, params, adapter="r16-all")
+        out = engine.step()  # chunk 1: the load starts; no group landed yet
+        assert assist.loading == ["r16-all"] and assist.pipelined_loads == 1
+        cpu_after_1 = assist.backend.cpu_ranges
+        assert cpu_after_1 > 0 and assist.backend.landed_ranges == 0 and not out
+        gate.allow(1)
+        load = assist._loads["r16-all"][0]
+        wait_until(lambda: load.landed(0))
+        assert not load.landed(1)
+        engine.step()  # chunk 2: layer 0 on the device, layers 1 and 2 on the workers
+        assert assist.backend.landed_ranges > 0 and assist.backend.cpu_ranges > cpu_after_1
+        gate.allow(3)
+        wait_until(load.done)
+        cpu_after_2, landed_after_2 = assist.backend.cpu_ranges, assist.backend.landed_ranges
+        tokens, logprobs = [], []
+        while engine.has_unfinished():
+            for o in engine.step():
+                tokens += o.new_token_ids
+                logprobs += [lp.logprob for lp in o.logprobs or []]
+        assert assist.loading == [] and assist.backend.cpu_ranges == cpu_after_2  # loaded: nothing more assisted
+        assert assist.backend.landed_ranges == landed_after_2 and assist.fallbacks == 0
+    finally:
+        engine.close()
+    assert tokens == want.token_ids
+    assert logprobs == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+    assert shm_entries() <= before
+
+
+def test_auto_equals_off(tiny_model, reference, tmp_path, monkeypatch):
+    """Several cold adapters and a base request in the same steps, loads landing whenever they do."""
+    engine = auto_engine(tiny_model, tmp_path, monkeypatch, cpu_workers=2)
+    try:
+        results = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, logprobs=True), MODELS)
+        assert engine.cpu_assist.pipelined_loads == 3 and engine.cpu_assist.loading == []
+    finally:
+        engine.close()
+    for got, want in zip(results, reference):
+        assert got.token_ids == want.token_ids
+        assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+
+
+def test_auto_failed_load_is_written_again(tiny_model, reference, tmp_path, monkeypatch, caplog):
+    """A load whose second group fails: the workers keep covering its layers, and the device path (decode)
+    writes the adapter again at once instead of computing with missing layers."""
+    engine = auto_engine(tiny_model, tmp_path, monkeypatch, cpu_workers=1)
+
+    def fail_group_1(group: int) -> None:
+        if group == 1:
+            raise RuntimeError("simulated copy failure")
+
+    engine.cpu_assist.loader.before_group = fail_group_1
+    try:
+        results = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, logprobs=True), MODELS)
+        assert engine.cpu_assist.loading == []
+    finally:
+        engine.close()
+    assert "simulated copy failure" in caplog.text and "loading it again" in caplog.text
+    assert [r.token_ids for r in results] == [r.token_ids for r in reference]
+
+
+def test_auto_without_workers_loads_at_once(tiny_model, reference, tmp_path, monkeypatch):
+    """cpu_workers 0 and nobody joined: nothing could cover the missing layers, so a cold adapter loads whole."""
+    engine = auto_engine(tiny_model, tmp_path, monkeypatch, cpu_workers=0)
+    try:
+        results = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, logprobs=True), MODELS)
+        assert engine.cpu_assist.pipelined_loads == 0 and engine.cpu_assist.backend.cpu_ranges == 0
+    finally:
+        engine.close()
+    assert [r.token_ids for r in results] == [r.token_ids for r in reference]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA: auto pipelines loads on a GPU")
+def test_auto_on_cuda_equals_off(tiny_model, tmp_path):
+    """The real thing: side-stream loads, the workers for layers not landed, the Triton kernels for the rest."""
+    model_dir, adapters = tiny_model
+    off, _ = run(tiny_model, cpu_assist="off", device="cuda", dtype="float32")
+    results, engine = run(tiny_model, cpu_assist="auto", cpu_workers=2, device="cuda", dtype="float32",
+                          data_dir=str(tmp_path))
+    try:
+        assert engine.cpu_assist.pipelined_loads == 3 and engine.cpu_assist.loading == []
+    finally:
+        engine.close()
+    for got, want in zip(results, off):
+        assert got.token_ids == want.token_ids
+        assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-3)

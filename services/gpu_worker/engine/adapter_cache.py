@@ -25,8 +25,9 @@ class AdapterCache:
         free: Callable[[SlotWeights], None] | None = None,
     ) -> None:
         self.num_slots = num_slots
-        self._build = build  # lays an adapter out into slot weights on the device
-        self._free = free  # told when a slot's content is dropped (a device pool then reuses its rows)
+        # lays an adapter out into slot weights on the device; CPU assist (auto) wraps both with pipelined loads
+        self.build_slot = build
+        self.free_slot = free  # told when a slot's content is dropped (a device pool then reuses its rows)
         self.registered: dict[str, LoRAAdapter] = {}
         self.slots: list[SlotWeights | None] = [None] * num_slots
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapter -> slot, least recent first
@@ -85,7 +86,7 @@ class AdapterCache:
             slot = self._free_slot()
             if slot is None:
                 return None
-            self.slots[slot] = self._build(self.registered.get(name) or self._retired[name])
+            self.slots[slot] = self.build_slot(self.registered.get(name) or self._retired[name])
             self._slot_of[name] = slot
             self.loads += 1
         self._slot_of.move_to_end(name)
@@ -123,8 +124,8 @@ class AdapterCache:
 
     def _empty(self, slot: int) -> None:
         weights, self.slots[slot] = self.slots[slot], None
-        if weights is not None and self._free is not None:
-            self._free(weights)
+        if weights is not None and self.free_slot is not None:
+            self.free_slot(weights)
 
     @property
     def in_use(self) -> dict[str, int]:

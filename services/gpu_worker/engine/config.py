@@ -40,7 +40,9 @@ class EngineConfig:
     # auto | torch | triton: attention over the paged KV cache (auto: triton on CUDA, else the torch SDPA path;
     # triton on the CPU only under TRITON_INTERPRET=1, the Triton interpreter: slow, for tests)
     attention_backend: str = "auto"
-    # off | always: CPU-assisted prefill (services/cpu_prefill). always: every prefill LoRA delta of an adapter is
+    # off | auto | always: CPU-assisted prefill (services/cpu_prefill). auto (the paper's mechanism, on a GPU): a cold
+    # adapter loads to its device slot by layer groups while its prefill runs at once, the LoRA deltas of the layers
+    # not yet landed computed by the workers (no GPU: as off). always: every prefill LoRA delta of an adapter is
     # computed by cpu_prefill worker processes from the host adapter cache (shared memory, `host_cache_gb`):
     # `cpu_workers` spawned by the engine, plus `caraserve serve cpu_prefill` processes joining through
     # <data_dir>/run/cpu_prefill/ (0: only those; until one joins, prefills take the device path)
@@ -62,9 +64,8 @@ class EngineConfig:
             raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.kv_cache_memory_gb <= 0:
             raise ConfigError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
-        if self.cpu_assist not in ("off", "always"):
-            raise ConfigError(f"cpu_assist must be off or always, got {self.cpu_assist!r} "
-                              "(auto, for cold adapters on a GPU, arrives with the pipelined GPU loader)")
+        if self.cpu_assist not in ("off", "auto", "always"):
+            raise ConfigError(f"cpu_assist must be off, auto or always, got {self.cpu_assist!r}")
         if self.cpu_workers < 0:
             raise ConfigError(f"cpu_workers must be >= 0, got {self.cpu_workers}")
         if self.host_cache_gb <= 0:

@@ -23,11 +23,17 @@ from services.gpu_worker.engine.detokenizer import IncrementalDetokenizer
 from services.gpu_worker.engine.model_runner import ModelRunner
 from services.gpu_worker.engine.scheduler import ScheduledBatch, Scheduler
 from services.gpu_worker.engine.sequence import FinishReason, RequestOutput, SamplingParams, Sequence, TokenLogprob
-from services.gpu_worker.lora.slot_weights import build_slot_weights
+from services.gpu_worker.lora.slot_weights import SlotWeights, build_slot_weights, write_slot_layers
 from services.gpu_worker.model.llama import LlamaModel
 from services.gpu_worker.model.weights import check_supported
 
 log = logging.getLogger(__name__)
+
+
+def pipelines_loads(device: torch.device) -> bool:
+    """Whether cpu_assist auto pipelines cold adapters' loads on `device`: on a GPU (on a CPU device the CPU would
+    compute both sides, so there is nothing to overlap)."""
+    return device.type == "cuda"
 
 
 class EngineRequestError(ValueError):
@@ -80,6 +86,7 @@ class LLMEngine:
         self.base_shape = BaseModelShape.from_hf_config(c)
         widths = self.model.lora_part_widths()
         self.lora_backend = config.resolved_lora_backend()
+        self._lora_pool = None  # the Triton backend's device pool
         if self.lora_backend == "triton":  # adapters live in a device pool the kernels index
             from services.gpu_worker.lora.gpu_pool import LoRAGpuPool
             from services.gpu_worker.lora.triton_backend import TritonLoRABackend
@@ -87,21 +94,35 @@ class LLMEngine:
             pool = LoRAGpuPool(c.num_hidden_layers, widths, LoRAGpuPool.in_features_from_widths(widths),
                                config.max_loras, config.max_lora_rank, dtype, device)
             self.model.lora_backend = TritonLoRABackend(pool)
+            self._lora_pool = pool
             log.info("LoRA: triton kernels, adapter pool %.1f MiB", pool.nbytes() / 2**20)
             self.adapters = AdapterCache(config.max_loras, pool.build, pool.free)
         else:
             self.adapters = AdapterCache(
                 config.max_loras, lambda a: build_slot_weights(a, c.num_hidden_layers, widths, dtype, device)
             )
+        self._device, self._dtype, self._widths = device, dtype, widths
         self.cpu_assist = None
-        if config.cpu_assist == "always":
+        assist = config.cpu_assist
+        if assist == "auto" and not pipelines_loads(device):
+            log.info("cpu_assist auto: no GPU (%s), so nothing to overlap: cold adapters load at once, as with off",
+                     device)
+            assist = "off"
+        if assist != "off":
             from services.cpu_prefill.assist import CpuAssist
+            from services.gpu_worker.lora.pipelined_load import PipelinedLoader
 
+            auto = dict(mode="auto", reserve_slot=self._reserve_slot, loader=PipelinedLoader(device)) \
+                if assist == "auto" else {}
             self.cpu_assist = CpuAssist(
                 self.model, self.adapters, c.num_hidden_layers, widths, num_workers=config.cpu_workers,
                 max_tokens=config.max_num_batched_tokens, host_cache_bytes=int(config.host_cache_gb * 2**30),
                 data_dir=config.data_dir,  # cpu_prefill processes join at <data dir>/run/cpu_prefill/
+                **auto,
             )
+            if assist == "auto" and self._lora_pool is not None:
+                # no row moves under a load that is still writing
+                self._lora_pool.before_compact = self.cpu_assist.wait_for_loads
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.adapters.slots)
@@ -132,6 +153,27 @@ class LLMEngine:
         return ids
 
     # ---- adapters ----
+    def _reserve_slot(self, adapter: LoRAAdapter):
+        """(slot content, write(layers)) for a pipelined load (cpu_assist auto): the content goes in the adapter's
+        slot at once, `write` fills the given layers (on the loader's side stream on a GPU)."""
+        pool = self._lora_pool
+        if pool is not None:
+            handle = pool.reserve(adapter)
+            return handle, lambda layers: pool.write_layers(handle, adapter, layers)
+        weights: SlotWeights = [{} for _ in range(self.hf_config.num_hidden_layers)]
+        main = torch.cuda.current_stream(self._device) if self._device.type == "cuda" else None
+
+        def write(layers: range) -> None:
+            write_slot_layers(weights, adapter, layers, self._widths, self._dtype, self._device)
+            if main is not None:  # made on the side stream, read on the main one: not reused before it has
+                for layer in layers:
+                    for gw in weights[layer].values():
+                        gw.a.record_stream(main)
+                        for part in gw.parts:
+                            part.b_scaled.record_stream(main)
+
+        return weights, write
+
     def load_adapter(self, name: str, path) -> LoRAAdapter:
         """Validate and register an adapter (host tier); it is put in a slot when a request needs it."""
         if not ADAPTER_NAME_PATTERN.match(name or ""):

@@ -25,6 +25,7 @@ columns of their rows). Metadata is O(L · E · P) int32.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,7 @@ class LoRAGpuPool:
             widths = [part_widths[n] for n in names]
             self.groups[group] = GroupPool(num_layers, in_features[group], widths, rows, max_loras, dtype, device)
         self._free_entries = list(range(max_loras))
+        self.before_compact: Callable[[], None] | None = None  # the pipelined loader's "finish what you write"
 
     @staticmethod
     def in_features_from_widths(part_widths: dict[str, int]) -> dict[str, int]:
@@ -130,17 +132,46 @@ class LoRAGpuPool:
 
     def build(self, adapter: LoRAAdapter) -> PoolHandle:
         """Write `adapter` into a free entry; raises (leaving the pool unchanged) if none is free or it is too big."""
+        handle = self.reserve(adapter)
+        self.write_layers(handle, adapter, range(self.num_layers))
+        return handle
+
+    def reserve(self, adapter: LoRAAdapter) -> PoolHandle:
+        """Take an entry and rows for `adapter` and set its metadata, without writing any weights (a pipelined load
+        then writes them with `write_layers`, group by group); raises, leaving the pool unchanged, if it cannot."""
         if not self._free_entries:
             raise RuntimeError("LoRA pool: no free entry (more resident adapters than max_loras)")
         entry = self._free_entries.pop(0)
         try:
             by_key = {(m.layer, m.module): m for m in adapter.modules}
             for group, names in PROJECTION_GROUPS.items():
-                self._write_group(self.groups[group], entry, names, by_key)
+                self._reserve_group(self.groups[group], entry, names, by_key)
         except Exception:
             self._release(entry)
             raise
         return PoolHandle(entry, adapter.name)
+
+    def write_layers(self, handle: PoolHandle, adapter: LoRAAdapter, layers: range) -> None:
+        """Copy `adapter`'s weights for `layers` into the rows `reserve` gave `handle`. Copies go to the device
+        first and are scaled and cast there: from pinned host tensors (on a side stream) they never block the host."""
+        entry = handle.entry
+        by_key = {(m.layer, m.module): m for m in adapter.modules if m.layer in layers}
+        for group, names in PROJECTION_GROUPS.items():
+            g = self.groups[group]
+            if entry not in g.extents:
+                continue  # the adapter does not target this group anywhere
+            off = g.extents[entry][0]
+            for layer in layers:
+                start = 0  # the parts' rows follow each other in part order, as reserve's part_start says
+                for p, name in enumerate(names):
+                    m = by_key.get((layer, name))
+                    if m is None:
+                        continue
+                    rows = slice(off + start, off + start + m.rank)
+                    g.a[layer, rows] = m.lora_a.to(device=self.device, non_blocking=True).to(self.dtype)
+                    g.b[layer, rows, : g.widths[p]] = (
+                        m.lora_b.to(device=self.device, non_blocking=True).mul(m.scale).t().to(self.dtype))
+                    start += m.rank
 
     def free(self, handle: PoolHandle) -> None:
         """The slot holding `handle` was emptied: its rows and entry become reusable."""
@@ -152,7 +183,7 @@ class LoRAGpuPool:
         if entry not in self._free_entries:
             self._free_entries.append(entry)
 
-    def _write_group(self, g: GroupPool, entry: int, names: tuple[str, ...], by_key: dict) -> None:
+    def _reserve_group(self, g: GroupPool, entry: int, names: tuple[str, ...], by_key: dict) -> None:
         layer_ranks = []
         for layer in range(self.num_layers):
             ranks = [by_key[(layer, n)].rank if (layer, n) in by_key else 0 for n in names]
@@ -162,24 +193,15 @@ class LoRAGpuPool:
         length = max(sum(r) for r in layer_ranks)
         if length == 0:
             return
-        off = g.allocate(entry, length)
+        if self.before_compact is not None and g._first_fit(length) is None:
+            self.before_compact()  # rows are about to move: loads still writing into them must finish first
+        g.allocate(entry, length)
         g.max_rank[entry] = length
-        rank_host, pr_host, ps_host = [], [], []
-        for layer, ranks in enumerate(layer_ranks):
-            start, starts = 0, []
-            for p, name in enumerate(names):
-                starts.append(start)
-                m = by_key.get((layer, name))
-                if m is None:
-                    continue
-                rows = slice(off + start, off + start + m.rank)
-                g.a[layer, rows] = m.lora_a.to(device=self.device, dtype=self.dtype)
-                g.b[layer, rows, : g.widths[p]] = (m.lora_b * m.scale).t().to(device=self.device, dtype=self.dtype)
-                start += m.rank
-            rank_host.append(start)
-            pr_host.append(ranks)
-            ps_host.append(starts)
+        rank_host, ps_host = [], []
+        for ranks in layer_ranks:
+            rank_host.append(sum(ranks))
+            ps_host.append([sum(ranks[:p]) for p in range(len(ranks))])
         i32 = dict(dtype=torch.int32, device=self.device)
         g.rank[:, entry] = torch.tensor(rank_host, **i32)
-        g.part_rank[:, entry] = torch.tensor(pr_host, **i32)
+        g.part_rank[:, entry] = torch.tensor(layer_ranks, **i32)
         g.part_start[:, entry] = torch.tensor(ps_host, **i32)

@@ -49,9 +49,25 @@ def build_slot_weights(
     device: torch.device,
 ) -> SlotWeights:
     """Lay `adapter` out for the fused projections; `part_widths` gives each target's output width."""
-    by_key = {(m.layer, m.module): m for m in adapter.modules}
-    layers: SlotWeights = []
-    for layer in range(num_layers):
+    weights: SlotWeights = [{} for _ in range(num_layers)]
+    write_slot_layers(weights, adapter, range(num_layers), part_widths, dtype, device)
+    return weights
+
+
+def write_slot_layers(
+    weights: SlotWeights,
+    adapter: LoRAAdapter,
+    layers: range,
+    part_widths: dict[str, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Fill weights[layer] for `layers` (a pipelined load writes an adapter's layers group by group).
+
+    Copies go to the device first and are scaled and cast there: from pinned host tensors they are asynchronous
+    (on a side stream, a pipelined load never blocks the host)."""
+    by_key = {(m.layer, m.module): m for m in adapter.modules if m.layer in layers}
+    for layer in layers:
         groups: dict[str, LoRAGroupWeights] = {}
         for group, names in PROJECTION_GROUPS.items():
             a_list, parts, out_start, rank_start = [], [], 0, 0
@@ -59,13 +75,12 @@ def build_slot_weights(
                 width = part_widths[name]
                 module = by_key.get((layer, name))
                 if module is not None:
-                    a_list.append(module.lora_a)
-                    b = (module.lora_b * module.scale).to(device=device, dtype=dtype).contiguous()
+                    a_list.append(module.lora_a.to(device=device, non_blocking=True))
+                    b = module.lora_b.to(device=device, non_blocking=True).mul(module.scale).to(dtype).contiguous()
                     parts.append(LoRAPart(out_start, out_start + width, rank_start, rank_start + module.rank, b))
                     rank_start += module.rank
                 out_start += width
             if parts:
-                a = torch.cat(a_list).to(device=device, dtype=dtype).contiguous()
+                a = torch.cat(a_list).to(dtype).contiguous()
                 groups[group] = LoRAGroupWeights(a=a, parts=parts)
-        layers.append(groups)
-    return layers
+        weights[layer] = groups

@@ -158,3 +158,24 @@ def test_backend_matches_torch_backend(launch, device):
             backend.apply(got, x, cache_pool, layer, group, info_p)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             assert torch.equal(got[0], y[0])
+
+
+def test_pipelined_writes_equal_build(device):
+    """reserve + write_layers group by group (as a pipelined load writes) lays out what build does; the metadata is
+    set by reserve, before any weight lands."""
+    from services.gpu_worker.lora.pipelined_load import PipelinedLoader, layer_groups
+
+    pool = make_pool(device)
+    a = make_adapter("a", 1, {"q_proj": 4, "v_proj": 16, "o_proj": 1, "up_proj": 3, "down_proj": 7})
+    b = make_adapter("b", 2, layer_ranks=[{"k_proj": 2, "gate_proj": 5}, {"q_proj": 9, "k_proj": 1, "v_proj": 3}])
+    for adapter in (a, b):
+        handle = pool.reserve(adapter)
+        qkv = pool.groups["qkv"]
+        off, rows = qkv.extents[handle.entry]
+        assert int(qkv.rank[:, handle.entry].sum()) > 0  # the metadata is set at once ...
+        assert not qkv.a[:, off : off + rows].any()  # ... the weights not yet
+        load = PipelinedLoader(device).start(layer_groups(LAYERS, 4),
+                                             lambda layers, h=handle, ad=adapter: pool.write_layers(h, ad, layers))
+        load.wait()
+        assert load.done() and all(load.landed(layer) for layer in range(LAYERS))
+        assert_layout(pool, handle, adapter)
