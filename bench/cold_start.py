@@ -33,7 +33,9 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.common import git_commit, machine_info, progress, result_path, summarize, timestamp, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    git_commit, gpu_or_smoke, machine_info, progress, result_path, summarize, timestamp, write_result,
+)
 from bench.decode_step import SHAPES, sync, write_adapter, write_model  # noqa: E402
 
 NAME = "cold_start"
@@ -74,12 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-cpu", action="store_true", help="run without CUDA (a smoke run of the code, no result)")
     ap.add_argument("--output", help=f"JSON path (default {result_path(NAME)})")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available() and not args.allow_cpu:
-        print("cold_start: needs a CUDA GPU (it measures loading adapters to the GPU); none is available",
-              file=sys.stderr)
+    chosen = gpu_or_smoke(NAME, args.allow_cpu, "it measures loading adapters to the GPU")
+    if chosen is None:
         return 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = chosen
     shape = SHAPES[args.shape]
     targets = args.targets.split(",")
 

@@ -164,3 +164,16 @@ def summarize(values: list[float]) -> dict[str, float | None]:
 def progress(prefix: str, message: str) -> None:
     """One progress line on stderr, flushed."""
     print(f"[{prefix}] {message}", file=sys.stderr, flush=True)
+
+
+def gpu_or_smoke(name: str, allow_cpu: bool, why: str):
+    """(device, dtype) for a GPU benchmark: CUDA and bfloat16; with `allow_cpu` and no GPU, the CPU and float32 (a
+    smoke run of the code). None, after a one-line message on stderr, when there is no GPU and no permission."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    if not allow_cpu:
+        print(f"{name}: needs a CUDA GPU ({why}); none is available", file=sys.stderr)
+        return None
+    return torch.device("cpu"), torch.float32

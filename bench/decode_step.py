@@ -31,7 +31,9 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.common import git_commit, machine_info, progress, result_path, summarize, timestamp, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    git_commit, gpu_or_smoke, machine_info, progress, result_path, summarize, timestamp, write_result,
+)
 
 NAME = "decode_step"
 SHAPES = {
@@ -154,12 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--allow-cpu", action="store_true", help="run without CUDA (a smoke run of the code, no result)")
     ap.add_argument("--output", help=f"JSON path (default {result_path(NAME)})")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available() and not args.allow_cpu:
-        print("decode_step: needs a CUDA GPU (this benchmark measures GPU memory bandwidth); none is available",
-              file=sys.stderr)
+    chosen = gpu_or_smoke(NAME, args.allow_cpu, "this benchmark measures GPU memory bandwidth")
+    if chosen is None:
         return 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = chosen
     shape = SHAPES[args.shape]
     targets = args.targets.split(",")
 
@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             model=str(tmp / "model"), device=device.type, dtype=str(dtype).removeprefix("torch."),
             max_loras=args.batch, max_lora_rank=max(args.rank, 1), max_num_seqs=args.batch,
             max_num_batched_tokens=max(2048, args.context),
-            kv_cache_memory_gb=1.1 * args.batch * total * kv_token / 2**30,
+            # every sequence's blocks (rounded up to whole blocks of 16), one spare each
+            kv_cache_memory_gb=args.batch * ((total + 15) // 16 + 1) * 16 * kv_token / 2**30,
             attention_backend=args.attention_backend,
         )
         progress(NAME, "loading the engine")
@@ -195,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             prompt = torch.randint(3, shape["vocab_size"], (args.context,), generator=gen).tolist()
             engine.add_request(f"r{a}", prompt, params, adapter=f"lora{a}")
         progress(NAME, "prefilling")
-        produced = 0
-        while produced < args.batch:  # every sequence has sampled its first token: from now on, decodes only
-            produced += sum(1 for out in engine.step() if out.new_token_ids)
+        started: set[str] = set()
+        while len(started) < args.batch:  # every sequence has sampled its first token: from now on, decodes only
+            started.update(out.request_id for out in engine.step() if out.new_token_ids)
         times, keys = [], []
         for i in range(args.warmup + args.steps):
             step_keys = sum(len(seq.token_ids) for seq in engine._seqs.values())  # each query sees all its tokens

@@ -59,6 +59,13 @@ def run(tiny_model, **config) -> tuple[list, LLMEngine]:
     return results, engine
 
 
+def assert_same_outputs(results, reference, abs: float = 1e-4) -> None:
+    """Same greedy tokens, logprobs within `abs` (float32: the workers sum in another order than the device)."""
+    for got, want in zip(results, reference, strict=True):
+        assert got.token_ids == want.token_ids
+        assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=abs)
+
+
 def shm_entries() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob(f"caraserve-{os.getpid()}-*")}
 
@@ -80,9 +87,7 @@ def test_always_equals_off(tiny_model, reference, workers, tmp_path):
         assert engine.cpu_assist.backend.cpu_ranges > 0  # the workers really computed the prefill deltas
     finally:
         engine.close()
-    for got, want in zip(results, reference):
-        assert got.token_ids == want.token_ids
-        assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+    assert_same_outputs(results, reference, abs=1e-4)
     assert shm_entries() <= before  # every segment (host cache, channels) unlinked
 
 
@@ -227,9 +232,7 @@ def test_auto_equals_off(tiny_model, reference, tmp_path, monkeypatch):
         assert engine.cpu_assist.pipelined_loads == 3 and engine.cpu_assist.loading == []
     finally:
         engine.close()
-    for got, want in zip(results, reference):
-        assert got.token_ids == want.token_ids
-        assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+    assert_same_outputs(results, reference, abs=1e-4)
 
 
 def test_auto_failed_load_is_written_again(tiny_model, reference, tmp_path, monkeypatch, caplog):
@@ -273,6 +276,4 @@ def test_auto_on_cuda_equals_off(tiny_model, tmp_path):
         assert engine.cpu_assist.pipelined_loads == 3 and engine.cpu_assist.loading == []
     finally:
         engine.close()
-    for got, want in zip(results, off):
-        assert got.token_ids == want.token_ids
-        assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-3)
+    assert_same_outputs(results, off, abs=1e-3)
