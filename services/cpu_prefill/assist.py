@@ -72,17 +72,15 @@ class CpuAssist:
             raise
         self._held: dict[str, HostAdapter] = {}  # adapters registered with the engine and in the host cache
         self.pipelined_loads = 0  # cold adapters loaded pipelined (auto), for tests and stats
+        self._loads: dict[str, tuple[LayerGroupLoad, object, object]] = {}  # auto: name -> (load, content, write)
+        hooks = {}
         if mode == "auto":
             self._reserve_slot, self.loader = reserve_slot, loader
             self._groups = layer_groups(num_layers, load_groups)
-            self._loads: dict[str, tuple[LayerGroupLoad, object, object]] = {}  # name -> (load, content, write)
             self._build_resident, self._free_resident = adapters.build_slot, adapters.free_slot
             adapters.build_slot, adapters.free_slot = self._build_slot, self._free_slot
-            self.backend = CpuAssistLoRABackend(model.lora_backend, self.pool, self.host_adapter_of,
-                                                on_cpu=self._on_cpu, on_fallback=self._finish_load,
-                                                on_device=self._finish_load)
-        else:
-            self.backend = CpuAssistLoRABackend(model.lora_backend, self.pool, self.host_adapter_of)
+            hooks = dict(on_cpu=self._on_cpu, on_fallback=self._finish_load, on_device=self._finish_load)
+        self.backend = CpuAssistLoRABackend(model.lora_backend, self.pool, self.host_adapter_of, **hooks)
         model.lora_backend = self.backend
         log.info("CPU-assisted prefill: %d cpu_prefill workers spawned, %s, host adapter cache %.0f MiB",
                  num_workers, f"others join at {self.pool.socket_path}" if self.pool.socket_path else "no joiners",
@@ -174,7 +172,7 @@ class CpuAssist:
     @property
     def loading(self) -> list[str]:
         """Adapters whose pipelined load is under way (not yet seen complete)."""
-        return sorted(self._loads) if self.mode == "auto" else []
+        return sorted(self._loads)
 
     @property
     def fallbacks(self) -> int:
@@ -182,7 +180,6 @@ class CpuAssist:
 
     def close(self) -> None:
         """Stop the workers (joined ones leave), remove the socket, unlink every shared-memory segment (idempotent)."""
-        if self.mode == "auto":
-            self.wait_for_loads()
+        self.wait_for_loads()
         self.pool.close()
         self.host.close()

@@ -20,6 +20,7 @@ from services.gpu_worker.engine.config import ConfigError, EngineConfig
 from services.gpu_worker.engine.llm_engine import LLMEngine
 from services.gpu_worker.engine.sequence import SamplingParams
 from helpers.lora_factory import make_random_adapter
+from helpers.waiting import wait_for
 
 ADAPTERS = {  # name -> LoraConfig kwargs
     "r4-attn": dict(r=4, target_modules=["q_proj", "v_proj"]),
@@ -152,15 +153,6 @@ class GroupGate:
             self.cond.notify_all()
 
 
-def wait_until(predicate, timeout: float = 30.0) -> None:
-    event = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if predicate():
-            return
-        event.wait(0.01)
-    raise AssertionError("timed out")
-
-
 def auto_engine(tiny_model, tmp_path, monkeypatch, **config) -> LLMEngine:
     monkeypatch.setattr(llm_engine, "pipelines_loads", lambda device: True)
     model_dir, adapters = tiny_model
@@ -203,12 +195,12 @@ def test_auto_prefills_on_the_workers_while_the_layers_land(tiny_model, tmp_path
         assert cpu_after_1 > 0 and assist.backend.landed_ranges == 0 and not out
         gate.allow(1)
         load = assist._loads["r16-all"][0]
-        wait_until(lambda: load.landed(0))
+        wait_for(lambda: load.landed(0), 30, "the first layer group to land")
         assert not load.landed(1)
         engine.step()  # chunk 2: layer 0 on the device, layers 1 and 2 on the workers
         assert assist.backend.landed_ranges > 0 and assist.backend.cpu_ranges > cpu_after_1
         gate.allow(3)
-        wait_until(load.done)
+        wait_for(load.done, 30, "the whole load")
         cpu_after_2, landed_after_2 = assist.backend.cpu_ranges, assist.backend.landed_ranges
         tokens, logprobs = [], []
         while engine.has_unfinished():

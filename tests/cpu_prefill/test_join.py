@@ -35,20 +35,13 @@ from services.cpu_prefill.pool import CpuAssistTimeout, CpuPrefillPool
 from services.cpu_prefill.rendezvous import list_engines, run_dir
 from services.cpu_prefill.segments import SHM_DIR
 from services.gpu_worker.lora.slot_weights import PROJECTION_GROUPS, build_slot_weights
+from helpers.waiting import wait_for
 from test_cpu_assist import (ADAPTERS, GROUP_IN, GROUP_OUT, HIDDEN, MAX_TOKENS, NUM_LAYERS, WIDTHS, make_adapter,
                              reference_delta)
 
 REPO = Path(__file__).resolve().parents[2]
 GROUPS = list(PROJECTION_GROUPS)
 CTX = mp.get_context("spawn")
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def our_shm() -> set[str]:

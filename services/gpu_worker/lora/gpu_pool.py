@@ -64,10 +64,13 @@ class GroupPool:
         self.extents: dict[int, tuple[int, int]] = {}  # entry -> (first row, rows), host side
         self.max_rank = [0] * entries  # entry -> its largest stacked rank over layers (host: sizes the grid)
 
-    def allocate(self, entry: int, length: int) -> int:
-        """Reserve `length` contiguous rows for `entry`; returns the first row."""
+    def allocate(self, entry: int, length: int, before_compact: Callable[[], None] | None = None) -> int:
+        """Reserve `length` contiguous rows for `entry`; returns the first row. `before_compact` runs before live
+        rows are moved (a pipelined load still writing into them must finish first)."""
         off = self._first_fit(length)
         if off is None:
+            if before_compact is not None:
+                before_compact()
             self._compact()
             off = self._first_fit(length)
         if off is None:
@@ -193,9 +196,7 @@ class LoRAGpuPool:
         length = max(sum(r) for r in layer_ranks)
         if length == 0:
             return
-        if self.before_compact is not None and g._first_fit(length) is None:
-            self.before_compact()  # rows are about to move: loads still writing into them must finish first
-        g.allocate(entry, length)
+        g.allocate(entry, length, self.before_compact)
         g.max_rank[entry] = length
         rank_host, ps_host = [], []
         for ranks in layer_ranks:

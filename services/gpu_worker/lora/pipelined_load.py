@@ -13,7 +13,7 @@ copies the adapter's weights for those layers into its slot (torch slot weights 
   same contract on the CPU, for tests.
 
 A failed write marks the load failed: `landed` stays false for the groups after it and `wait()` raises
-LoadError with the reason (the engine then gives the request an error instead of silently wrong weights).
+LoadError with the reason (the engine then writes the adapter again at once rather than compute with missing layers).
 """
 from __future__ import annotations
 
@@ -47,9 +47,11 @@ class LayerGroupLoad:
     def __init__(self, groups: list[range]) -> None:
         self.groups = groups
         self._group_of = {layer: g for g, layers in enumerate(groups) for layer in layers}
+        self.error: BaseException | None = None  # why a group could not be written (the later ones never are)
 
-    def group_of(self, layer: int) -> int:
-        return self._group_of[layer]
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise LoadError(f"loading the adapter's layers failed: {self.error}") from self.error
 
     def landed(self, layer: int) -> bool:
         raise NotImplementedError
@@ -73,7 +75,6 @@ class _ThreadLoad(LayerGroupLoad):
         super().__init__(groups)
         self._landed = [threading.Event() for _ in groups]
         self._finished = threading.Event()
-        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(write, before_group), daemon=True,
                                         name="caraserve-adapter-load")
         self._thread.start()
@@ -95,15 +96,13 @@ class _ThreadLoad(LayerGroupLoad):
 
     def wait(self) -> None:
         self._finished.wait()
-        if self.error is not None:
-            raise LoadError(f"loading the adapter's layers failed: {self.error}") from self.error
+        self._raise_if_failed()
 
 
 class _CudaLoad(LayerGroupLoad):
     def __init__(self, groups: list[range], write: Callable[[range], None], stream: torch.cuda.Stream) -> None:
         super().__init__(groups)
         self.events: list[torch.cuda.Event] = []
-        self.error: BaseException | None = None
         self._device = stream.device
         main = torch.cuda.current_stream(stream.device)
         stream.wait_stream(main)  # rows reserved (and zeroed) on the main stream before are written after
@@ -125,12 +124,10 @@ class _CudaLoad(LayerGroupLoad):
     def wait(self) -> None:
         if self.events:
             self.events[-1].synchronize()
-        if self.error is not None:
-            raise LoadError(f"loading the adapter's layers failed: {self.error}") from self.error
+        self._raise_if_failed()
 
     def wait_on_device(self) -> None:
-        if self.error is not None:
-            raise LoadError(f"loading the adapter's layers failed: {self.error}") from self.error
+        self._raise_if_failed()
         torch.cuda.current_stream(self._device).wait_event(self.events[-1])
 
 

@@ -86,12 +86,16 @@ def test_alloc_free_reuse_and_compaction(device):
     full = {"q_proj": 16, "k_proj": 16, "v_proj": 16}
     small, big1, big2, big3 = (make_adapter("s", 3, {"q_proj": 8}), make_adapter("b1", 4, full),
                                make_adapter("b2", 5, full), make_adapter("b3", 6, full))
+    compactions = []
+    pool.before_compact = lambda: compactions.append(len(qkv.extents))  # what a pipelined load waits on
     h_small, h1, h2 = pool.build(small), pool.build(big1), pool.build(big2)
     assert [qkv.extents[h.entry] for h in (h_small, h1, h2)] == [(0, 8), (8, 48), (56, 48)]
+    assert compactions == []
     with pytest.raises(RuntimeError, match="no free entry"):
         pool.build(big3)
     pool.free(h_small)  # 48 rows free, but as 8 + 40: the next full adapter needs a compaction
     h3 = pool.build(big3)
+    assert compactions == [2]  # called once, before the two live extents moved
     assert h3.entry == h_small.entry  # the entry is reused
     assert sorted(qkv.extents.values()) == [(0, 48), (48, 48), (96, 48)]
     assert int(qkv.row_off[h1.entry]) == 0 and int(qkv.row_off[h2.entry]) == 48

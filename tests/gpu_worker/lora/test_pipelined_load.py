@@ -12,6 +12,7 @@ import torch
 from shared.adapters import LoRAAdapter, LoRAModuleWeights
 from services.gpu_worker.lora.pipelined_load import LoadError, PipelinedLoader, layer_groups
 from services.gpu_worker.lora.slot_weights import build_slot_weights, write_slot_layers
+from helpers.waiting import wait_for
 
 LAYERS = 6
 WIDTHS = {"q_proj": 16, "k_proj": 8, "v_proj": 8, "o_proj": 16, "gate_proj": 24, "up_proj": 24, "down_proj": 16}
@@ -45,11 +46,7 @@ def test_groups_land_in_order_and_the_layout_equals_build(device):
     if device.type == "cpu":  # the thread waits for each permission: nothing lands before it
         assert not any(load.landed(layer) for layer in range(LAYERS)) and not load.done()
         allowed.release()
-        deadline = threading.Event()
-        for _ in range(300):
-            if load.landed(1):
-                break
-            deadline.wait(0.01)
+        wait_for(lambda: load.landed(1), 30, "the first layer group to land")
         assert load.landed(0) and load.landed(1) and not load.landed(2)  # group 0 = layers 0-1, only
         allowed.release(2)
     load.wait()
