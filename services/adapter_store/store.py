@@ -25,7 +25,7 @@ from nats.js.errors import BadRequestError, BucketNotFoundError, KeyWrongLastSeq
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from services.adapter_store.client import SAFETENSORS, open_blob_bucket
+from services.adapter_store.client import SAFETENSORS, open_blob_bucket, read_blob
 from shared.adapters import AdapterValidationError, BaseModelShape, load_adapter
 from shared.nats_client import MeshError
 from shared.protocol import (
@@ -93,12 +93,14 @@ class AdapterStore:
         self.base_model = base_model
         self.max_lora_rank = max_lora_rank
         self.base_fingerprint = base_shape.fingerprint()
+        self._js: JetStreamContext | None = None
         self._blobs: ObjectStore | None = None
         self._meta: KeyValue | None = None
         self._registering: set[str] = set()  # names with a registration in flight in this process
 
     async def open(self, js: JetStreamContext) -> None:
         """Bind (or create, with file storage) the blob and metadata buckets."""
+        self._js = js
         self._blobs = await open_blob_bucket(js)
         try:
             self._meta = await js.key_value(ADAPTER_META_BUCKET)
@@ -193,10 +195,10 @@ class AdapterStore:
             directory = Path(tmp)
             for filename in ADAPTER_FILES:
                 try:
-                    with open(directory / filename, "wb") as f:
-                        await self._blobs.get(staging_object_name(staging_id, filename), writeinto=f)
+                    data = await read_blob(self._js, self._blobs, staging_object_name(staging_id, filename))
                 except NotFoundError:
                     raise _bad_request(f"{filename} is missing", "invalid_adapter") from None
+                (directory / filename).write_bytes(data)
             info = await asyncio.to_thread(self._validate, directory, name)
             for filename in ADAPTER_FILES:
                 with open(directory / filename, "rb") as f:

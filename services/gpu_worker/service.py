@@ -33,6 +33,7 @@ from services.gpu_worker.engine.llm_engine import EngineRequestError, LLMEngine
 from services.gpu_worker.engine.sequence import FinishReason, RequestOutput, SamplingParams, SamplingParamsError
 from services.gpu_worker.output_view import visible_logprobs
 from services.scheduler.perf_model import PerfModel
+from shared.adapters import LoRAAdapter
 from shared.mesh_config import MeshConfig
 from shared.nats_client import MeshError, publish, subscribe_handler, sync_with_server
 from shared.wire import ProtocolError, decode
@@ -109,7 +110,7 @@ class GpuWorkerService:
         self._last_used: OrderedDict[str, None] = OrderedDict()  # adapters requested here, least recent first
         self._wanted: dict[str, int] = {}  # adapter -> requests between arrival and admission
         self._fetched: dict[str, Path] = {}  # adapter -> its files in _adapter_dir
-        self._loads: list[tuple[str, Path, asyncio.Future]] = []  # fetched adapters for the loop to load
+        self._loads: list[tuple[LoRAAdapter, asyncio.Future]] = []  # fetched, parsed adapters for the loop to register
         self._gateways_seen: dict[str, float] = {}  # gateway id -> monotonic time of its last heartbeat
         self._accepting = False
         self._stopped = asyncio.Event()
@@ -239,8 +240,12 @@ class GpuWorkerService:
                                code="adapter_base_mismatch")
         path = await fetch_adapter(self._js, info, self._adapter_dir)
         self._fetched[name] = path
+        try:  # parsed here, not between engine steps: only the registration waits for the loop
+            adapter = await asyncio.to_thread(self.engine.read_adapter, name, path)
+        except ValueError as exc:  # EngineRequestError or AdapterValidationError
+            raise MeshError.of(getattr(exc, "status", 400), str(exc), code="adapter_unavailable") from None
         loaded = asyncio.get_running_loop().create_future()
-        self._loads.append((name, path, loaded))
+        self._loads.append((adapter, loaded))
         self._wake.set()
         await loaded
 
@@ -264,10 +269,10 @@ class GpuWorkerService:
         Returns the errors to send: (reply_to, ErrorReply) for requests that could not be admitted."""
         errors: list[tuple[str, ErrorReply]] = []
         loads, self._loads = self._loads, []
-        for name, path, future in loads:
+        for adapter, future in loads:
             try:
-                if name not in self.engine.adapter_names():
-                    self.engine.load_adapter(name, path)
+                if adapter.name not in self.engine.adapter_names():
+                    self.engine.register_adapter(adapter)
                 future.set_result(None)
             except ValueError as exc:  # EngineRequestError (409: in use, being removed) or AdapterValidationError
                 future.set_exception(MeshError.of(getattr(exc, "status", 400), str(exc), code="adapter_unavailable"))

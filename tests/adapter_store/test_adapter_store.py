@@ -15,7 +15,8 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from transformers import AutoConfig
 
 from services.adapter_store.client import (
-    delete_adapter, fetch_adapter, get_adapter, list_adapters, register_adapter, register_from_dir, stage_adapter,
+    delete_adapter, fetch_adapter, get_adapter, list_adapters, open_blob_bucket, read_blob, register_adapter,
+    register_from_dir, stage_adapter,
 )
 from services.adapter_store.service import AdapterStoreService, build_store_service
 from services.adapter_store.store import AdapterStore
@@ -276,6 +277,24 @@ async def test_fetch_adapter_verifies_and_reuses(mesh, tmp_path):
     assert not (tmp_path / "fresh").exists() or not any((tmp_path / "fresh").iterdir())
     await blobs.delete(adapter_object_name("caps", "adapter_config.json"))
     await assert_refused(fetch_adapter(js, info, tmp_path / "fresh"), 502, "adapter_integrity", "missing")
+
+
+async def test_read_blob_returns_every_chunk_and_leaves_no_consumer(mesh):
+    await mesh.start()
+    js = mesh.nc.jetstream()
+    blobs = await open_blob_bucket(js)
+    big = os.urandom(5 * 128 * 1024 + 7)  # 6 chunks of the store's 128 KiB: several fetches at batch=4
+    await blobs.put("t/big", big)
+    await blobs.put("t/empty", b"")
+    assert await read_blob(js, blobs, "t/big", batch=4) == big
+    assert await read_blob(js, blobs, "t/big") == big
+    assert await read_blob(js, blobs, "t/empty") == b""
+    await blobs.put("t/big", b"replaced")  # a rewritten object: only its new chunks are read
+    assert await read_blob(js, blobs, "t/big") == b"replaced"
+    with pytest.raises(NotFoundError):
+        await read_blob(js, blobs, "t/absent")
+    stream = f"OBJ_{ADAPTER_BLOB_BUCKET}"
+    assert (await js.stream_info(stream)).state.consumer_count == 0  # each read deletes its consumer
 
 
 def test_build_store_service_from_cli_flags(default_model_path, base_shape):

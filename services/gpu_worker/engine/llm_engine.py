@@ -176,11 +176,16 @@ class LLMEngine:
 
     def load_adapter(self, name: str, path) -> LoRAAdapter:
         """Validate and register an adapter (host tier); it is put in a slot when a request needs it."""
+        return self.register_adapter(self.read_adapter(name, path))
+
+    def read_adapter(self, name: str, path) -> LoRAAdapter:
+        """An adapter's files read and validated for this base model, not registered. It touches no engine state,
+        so a server runs it off the engine's thread (parsing a rank-64 adapter takes tens of ms on a CPU)."""
         if not ADAPTER_NAME_PATTERN.match(name or ""):
             raise EngineRequestError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
         if name == self.model_name:
             raise EngineRequestError(f"adapter name {name!r} is the base model's name")
-        return self.register_adapter(load_adapter(path, self.base_shape, self.config.max_lora_rank, name=name))
+        return load_adapter(path, self.base_shape, self.config.max_lora_rank, name=name)
 
     def register_adapter(self, adapter: LoRAAdapter) -> LoRAAdapter:
         """Register an adapter already validated against this base model (load_adapter, or built in memory as
