@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from services.gpu_worker.engine.forward_batch import ForwardBatch
 from services.gpu_worker.lora.slot_weights import SlotWeights
 from services.gpu_worker.lora.torch_backend import TorchLoRABackend
+from services.gpu_worker.model.linear import can_prepack, linear, prepack
 from services.gpu_worker.model.rope import apply_rope, rope_tables
 from services.gpu_worker.model.weights import ModelWeights, load_weights
 
@@ -43,6 +44,13 @@ class LlamaModel:
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim**-0.5
         self.weights: ModelWeights = load_weights(model_dir, config, dtype, device)
+        # The projections' weights in the layout the CPU's linear primitive reads fastest (see linear.py); the
+        # lm_head is packed apart, as a tied one is also the embedding table (looked up by row).
+        self.lm_head = self.weights.lm_head
+        if can_prepack(device, dtype):
+            for lw in self.weights.layers:
+                lw.qkv, lw.o, lw.gate_up, lw.down = (prepack(t) for t in (lw.qkv, lw.o, lw.gate_up, lw.down))
+            self.lm_head = prepack(self.weights.lm_head)
         self.cos, self.sin = rope_tables(config, max_positions, device)
         # prepare(info, slots) once per step, apply(y, x, slots, layer, group, info) per layer and group
         self.lora_backend = lora_backend or TorchLoRABackend()
@@ -74,7 +82,7 @@ class LlamaModel:
         h = w.embed[batch.input_ids]  # [T, hidden]
         for i, lw in enumerate(w.layers):
             x = rms_norm(h, lw.input_norm, self.eps)
-            qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # [T, q + 2 kv]
+            qkv = linear(x, lw.qkv, lw.qkv_bias)  # [T, q + 2 kv]
             if lora is not None:
                 self.lora_backend.apply(qkv, x, lora_slots, i, "qkv", lora)
             q, k, v = qkv.split([self.q_width, self.kv_width, self.kv_width], dim=-1)
@@ -84,22 +92,22 @@ class LlamaModel:
             k_cache[i, batch.slot_mapping] = k
             v_cache[i, batch.slot_mapping] = v
             attn = self._attention(q, k, v, k_cache[i], v_cache[i], batch)  # [T, q_width]
-            o = F.linear(attn, lw.o, lw.o_bias)
+            o = linear(attn, lw.o, lw.o_bias)
             if lora is not None:
                 self.lora_backend.apply(o, attn, lora_slots, i, "o", lora)
             h = h + o
             x = rms_norm(h, lw.post_norm, self.eps)
-            gate_up = F.linear(x, lw.gate_up)
+            gate_up = linear(x, lw.gate_up)
             if lora is not None:
                 self.lora_backend.apply(gate_up, x, lora_slots, i, "gate_up", lora)
             gate, up = gate_up.split([self.intermediate, self.intermediate], dim=-1)
             act = F.silu(gate) * up
-            down = F.linear(act, lw.down)
+            down = linear(act, lw.down)
             if lora is not None:
                 self.lora_backend.apply(down, act, lora_slots, i, "down", lora)
             h = h + down
         last = rms_norm(h[batch.logits_indices], w.norm, self.eps)
-        return F.linear(last, w.lm_head).float()
+        return linear(last, self.lm_head).float()
 
     def _attention(self, q, k, v, k_layer, v_layer, batch: ForwardBatch) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D] (this step's); k_layer, v_layer: [slots, KVH, D] (the cache, already written)

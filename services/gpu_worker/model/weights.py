@@ -20,7 +20,8 @@ class UnsupportedModelError(ValueError):
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [q_out + 2 * kv_out, hidden]: q, k, v stacked on the output axis
+    qkv: torch.Tensor  # [q_out + 2 * kv_out, hidden]: q, k, v stacked on the output axis (the four projections
+    # are prepacked, opaque oneDNN tensors on a CPU in float32: see model/linear.py)
     qkv_bias: torch.Tensor | None  # [q_out + 2 * kv_out] (Qwen2)
     o: torch.Tensor  # [hidden, q_out]
     o_bias: torch.Tensor | None  # [hidden] (Llama with attention_bias: o_proj has a bias too; Qwen2 has none)
