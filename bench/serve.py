@@ -26,7 +26,8 @@ Systems (--systems; each started by the harness as a subprocess and stopped with
 Ctrl-C or error; children die with the harness even if it is killed):
   ours                 `caraserve up` (embedded NATS, adapter_store, scheduler, one gpu_worker, gateway) with
                        --cpu-assist off and --max-loras slots; the adapters are registered through the admin API
-                       (POST /v1/adapters) and stay cold: a worker fetches each from the store on its first request.
+                       (POST /v1/adapters) and stay cold: a worker fetches each from the store on its first request
+                       (--max-cpu-loras max(64, N): once fetched, an adapter stays in the worker's host tier).
   ours_resident        the all-resident upper bound: the same mesh with --max-loras >= N, and one warm-up request per
                        adapter before measuring, so every adapter is fetched and in a slot.
   ours_cpu_assist      (optional) ours with --cpu-assist always.
@@ -50,7 +51,9 @@ point's makespan (first send to last completion), goodput, SLO attainment.
 SLO: a request meets it when its TPT <= --slo-factor (1.5) x the TPT the same request (its prompt and output
 lengths) takes on an unloaded mesh with the base model (no LoRA). The unloaded model comes from calibration at the
 start of the run: --calibration-requests requests (prompt lengths evenly spread from --prompt-min to
---prompt-max, the median output length), one at a time, base model, through the first system (ours): TTFT fitted
+--prompt-max, the median output length), one at a time, base model, through the --slo-on system (run first; by
+default peft_one_at_a_time, the transformers server a user would otherwise write, so that every system meets the
+SLO when idle and the sweep measures how each holds it under load; a faster engine gets headroom): TTFT fitted
 as a + b * prompt_tokens, decode time per token d (median), so unloaded end-to-end = a + b*P + d*(N-1). Per
 request rather than one number because on a CPU prefill is a large, prompt-dependent part of TPT: one TPT bound
 would fail long-prompt requests on an idle server. --slo-tpot-ms X instead sets one fixed TPT bound for every
@@ -701,6 +704,7 @@ def profile_worker(args, workdir: Path) -> tuple[Path, float]:
 
 def start_mesh(system: str, adapters: list[AdapterSpec], adapter_root: Path, args, workdir: Path,
                perf_model: Path | None) -> Target:
+    from shared.mesh_config import MeshConfig
     from shared.model_provisioning import resolve_model
     from shared.nats_server import free_port
 
@@ -708,9 +712,11 @@ def start_mesh(system: str, adapters: list[AdapterSpec], adapter_root: Path, arg
     data_dir = workdir / f"{system}-{len(adapters)}-data"
     api_key, admin_key = "bench-api-key", "bench-admin-key"
     max_loras = max(args.max_loras, len(adapters)) if system == "ours_resident" else args.max_loras
+    max_cpu_loras = max(MeshConfig.max_cpu_loras, len(adapters))  # the host tier holds every adapter of the run
     argv = [sys.executable, "-m", "services.cli", "up", "--port", str(port), "--nats-port", str(nats_port),
             "--data-dir", str(data_dir), "--api-key", api_key, "--admin-key", admin_key, "--no-demo-adapters",
             "--workers", "1", "--model", str(resolve_model(args.model).path), "--max-loras", str(max_loras),
+            "--max-cpu-loras", str(max_cpu_loras),
             "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--cpu-assist", "always" if system == "ours_cpu_assist" else "off", "--log-level", "warning"]
     if perf_model is not None:
@@ -720,7 +726,7 @@ def start_mesh(system: str, adapters: list[AdapterSpec], adapter_root: Path, arg
                     log_path=workdir / f"{system}-{len(adapters)}.log", adapters=adapters)
     shown = ["***" if prev in ("--api-key", "--admin-key") else a for prev, a in zip([""] + argv, argv)]
     target.info = {"command": " ".join(shown),
-                   "max_loras": max_loras, "data_dir": str(data_dir)}
+                   "max_loras": max_loras, "max_cpu_loras": max_cpu_loras, "data_dir": str(data_dir)}
     t = time.perf_counter()
     target.proc = _spawn(argv, _server_env(args.threads), target.log_path)
     _LIVE.append(target)
@@ -947,8 +953,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="adapter counts the PEFT baselines run at: the smallest only (default) or all")
     s.add_argument("--threads", type=int, default=None,
                    help="torch threads of every server (OMP_NUM_THREADS; default: the usable CPUs)")
-    s.add_argument("--max-loras", type=int, default=8,
-                   help="ours: resident adapter slots, LRU (default 8, the engine's default); ours_resident uses "
+    s.add_argument("--max-loras", type=int, default=64,
+                   help="ours: resident adapter slots, LRU (default 64, --max-num-seqs: a batch is never short of "
+                        "slots; the engine's own default, 8, suits a GPU's memory); ours_resident uses "
                         "max(this, adapters)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="ours: sequences running at once (default 64)")
     s.add_argument("--max-num-batched-tokens", type=int, default=512,
@@ -974,6 +981,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m = p.add_argument_group("SLO")
     m.add_argument("--slo-factor", type=float, default=1.5,
                    help="SLO: TPT <= this x the request's unloaded TPT on the base model (default 1.5)")
+    m.add_argument("--slo-on", metavar="SYSTEM",
+                   help="the system whose unloaded base-model requests calibrate the SLO, run first (default: "
+                        "peft_one_at_a_time when it runs, the server a user would otherwise write, so that every "
+                        "system meets the SLO when idle; else the first system)")
     m.add_argument("--slo-tpot-ms", type=float, default=None,
                    help="a fixed TPT bound (ms) for every request instead of the calibrated one")
     m.add_argument("--slo-attainment", type=float, default=0.9,
@@ -1021,7 +1032,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [x for x in args.system_list if x not in SYSTEMS]
     if unknown or not args.system_list:
         p.error(f"--systems takes names from {','.join(SYSTEMS)}, got {args.systems!r}")
-    args.system_list = [x for x in SYSTEMS if x in args.system_list]  # ours first: it calibrates the SLO
+    args.system_list = [x for x in SYSTEMS if x in args.system_list]
+    if args.slo_on is None:
+        args.slo_on = "peft_one_at_a_time" if "peft_one_at_a_time" in args.system_list else args.system_list[0]
+    if args.slo_on not in args.system_list:
+        p.error(f"--slo-on {args.slo_on!r} is not among --systems ({','.join(args.system_list)})")
+    args.system_list.remove(args.slo_on)
+    args.system_list.insert(0, args.slo_on)  # first: it calibrates the SLO
     if "endpoint" in args.system_list and not args.endpoint:
         p.error("system 'endpoint' needs --endpoint URL")
     args.target_list = [x.strip() for x in args.target_modules.split(",") if x.strip()]
@@ -1072,7 +1089,7 @@ class Run:
                 "max_num_batched_tokens": args.max_num_batched_tokens, "mesh_args": args.mesh_arg or [],
                 "peft_max_batch_size": args.peft_max_batch_size,
                 "peft_max_loaded_adapters": args.peft_max_loaded_adapters, "baseline_adapters": args.baseline_adapters,
-                "request_timeout_s": args.request_timeout, "stop_on_break": not args.no_stop_on_break,
+                "request_timeout_s": args.request_timeout, "slo_on": args.slo_on, "stop_on_break": not args.no_stop_on_break,
                 "endpoint": args.endpoint, "sampling": "greedy (temperature 0), ignore_eos, exact max_tokens",
                 "api": "POST /v1/completions, stream, stream_options.include_usage",
             },
@@ -1343,7 +1360,7 @@ def run_system(run: Run, system: str, n: int, adapters: list[AdapterSpec], adapt
         info["warmup_requests"] = len(warm)
         run.data["servers"].append(info)
 
-        if run.data["slo"] is None:
+        if run.data["slo"] is None and system == args.slo_on:
             specs = calibration_specs(args.calibration_requests, prompt_d, output_d, target.base_model)
             log(f"calibration: {len(specs)} unloaded base-model requests on {system}")
             samples = asyncio.run(calibrate(target, specs, prompts, args.request_timeout))

@@ -273,7 +273,7 @@ def test_help_explains_the_flags():
     out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for flag in ("--quick", "--systems", "--rates", "--adapters", "--ranks", "--popularity", "--alpha", "--duration",
-                 "--requests", "--burst-requests", "--prompt-median", "--output-max", "--slo-factor", "--slo-tpot-ms",
+                 "--requests", "--burst-requests", "--prompt-median", "--output-max", "--slo-factor", "--slo-tpot-ms", "--slo-on",
                  "--slo-attainment", "--threads", "--max-loras", "--endpoint", "--out", "--work-dir",
                  "--request-timeout", "--baseline-adapters"):
         assert flag in out.stdout, flag
@@ -284,10 +284,15 @@ def test_help_explains_the_flags():
 def test_quick_preset_and_explicit_flags():
     quick = serve.parse_args(["--quick", "--rates", "0.3,0.1"])
     assert quick.rate_list == [0.1, 0.3] and quick.adapter_counts == [8, 32] and quick.duration == 30.0
-    full = serve.parse_args(["--systems", "peft_one_at_a_time,ours"])
-    assert full.system_list == ["ours", "peft_one_at_a_time"]  # ours first: it calibrates the SLO
+    full = serve.parse_args(["--systems", "peft_mixed_batch,peft_one_at_a_time,ours"])
+    assert full.slo_on == "peft_one_at_a_time"  # the SLO system runs first: it calibrates the SLO
+    assert full.system_list == ["peft_one_at_a_time", "ours", "peft_mixed_batch"]
+    assert serve.parse_args(["--systems", "peft_mixed_batch,ours"]).system_list == ["ours", "peft_mixed_batch"]
+    assert serve.parse_args(["--systems", "peft_one_at_a_time,ours", "--slo-on", "ours"]).system_list == [
+        "ours", "peft_one_at_a_time"]
     assert full.adapter_counts == [8, 64, 512] and full.threads >= 1
-    for bad in (["--systems", "vllm"], ["--rates", "0"], ["--adapters", "0"], ["--systems", "endpoint"]):
+    for bad in (["--systems", "vllm"], ["--rates", "0"], ["--adapters", "0"], ["--systems", "endpoint"],
+                ["--systems", "ours", "--slo-on", "peft_mixed_batch"]):
         with pytest.raises(SystemExit):
             serve.parse_args(bad)
 
@@ -355,9 +360,9 @@ def test_short_run_against_the_mesh_and_the_peft_server(tmp_path, default_model_
         assert key in data, key
     assert data["benchmark"] == "serve" and data["complete"] is True and not data.get("failures")
     assert set(data["git"]) >= {"commit", "dirty"} and data["machine"]["cpu_model"]
-    assert data["config"]["systems"] == ["ours", "peft_one_at_a_time"] and data["config"]["adapter_counts"] == [2]
+    assert data["config"]["systems"] == ["peft_one_at_a_time", "ours"] and data["config"]["adapter_counts"] == [2]
     slo = data["slo"]
-    assert slo["measured_on"] == "ours" and slo["factor"] == 1.5 and slo["tpot_s"] > 0
+    assert slo["measured_on"] == "peft_one_at_a_time" == data["config"]["slo_on"] and slo["factor"] == 1.5 and slo["tpot_s"] > 0
     assert len(slo["calibration_samples"]) == 2
     assert {s["system"] for s in data["servers"]} == {"ours", "peft_one_at_a_time"}
     kinds = {(p["system"], p["kind"]) for p in data["points"]}
