@@ -240,8 +240,11 @@ class GpuWorkerService:
                                code="adapter_base_mismatch")
         path = await fetch_adapter(self._js, info, self._adapter_dir)
         self._fetched[name] = path
-        try:  # parsed here, not between engine steps: only the registration waits for the loop
-            adapter = await asyncio.to_thread(self.engine.read_adapter, name, path)
+        try:  # parsed on the step thread, between two steps. Not on another thread: once a second thread has run
+            # a parallel torch op, libgomp keeps two thread teams on the cores and every later step ran 1.5-2x
+            # slower on a 2-core CPU (bench/serve.py's ours broke its SLO at half the load the engine holds)
+            adapter = await asyncio.get_running_loop().run_in_executor(
+                self._step_thread, self.engine.read_adapter, name, path)
         except ValueError as exc:  # EngineRequestError or AdapterValidationError
             raise MeshError.of(getattr(exc, "status", 400), str(exc), code="adapter_unavailable") from None
         loaded = asyncio.get_running_loop().create_future()

@@ -4,6 +4,7 @@ new worker serves again, and one request is one trace across the services."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import aiohttp
 import openai
@@ -66,6 +67,23 @@ async def test_concurrent_requests_over_adapters_equal_offline_outputs(mesh, ref
     assert len({expected[("chat", m)] for m in models}) == len(models)  # the adapters really change the answers
     models_listed = {m.id for m in (await c.models.list()).data}
     assert set(models) <= models_listed
+
+
+async def test_fetched_adapters_are_parsed_on_the_step_thread(mesh, monkeypatch):
+    """Torch work off the engine's thread leaves a second OpenMP thread team on the cores, and every later step ran
+    1.5-2x slower on a 2-core CPU: the worker parses what it fetches on its step thread."""
+    threads = []
+    read = mesh.engine.read_adapter
+
+    def recording(name, path):
+        threads.append(threading.current_thread().name)
+        return read(name, path)
+
+    monkeypatch.setattr(mesh.engine, "read_adapter", recording)
+    await register_from_dir(mesh.connections[0], "thread-check", demo_adapter_path(next(iter(DEMO_ADAPTERS))),
+                            timeout=30)
+    assert await ask(client(mesh), "completion", "thread-check", stream=False)
+    assert len(threads) == 1 and threads[0].startswith("engine-step"), threads
 
 
 @pytest.mark.slow
