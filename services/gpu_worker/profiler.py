@@ -221,12 +221,13 @@ def profile_engine(engine, settings: ProfileSettings | None = None, *, show_prog
 
 
 def default_model_path(engine, data_dir: str | None = None) -> Path:
-    """Where a worker looks for (and caches) its model: one file per model, device, dtype, kernels and host."""
+    """Where a worker looks for (and caches) its model: one file per model, device, dtype, kernels (LoRA and base
+    linear layers) and host."""
     from shared.paths import data_dir as resolve_data_dir
 
     c = engine.config
     parts = [engine.model_name, str(c.torch_device()).replace(":", ""), str(c.torch_dtype()).removeprefix("torch."),
-             engine.lora_backend, f"seqs{c.max_num_seqs}", socket.gethostname()]
+             engine.lora_backend, engine.model.linear_kernels, f"seqs{c.max_num_seqs}", socket.gethostname()]
     slug = "-".join(p.replace("/", "_") for p in parts)
     return resolve_data_dir(data_dir) / "perf_models" / f"{slug}.json"
 

@@ -40,7 +40,11 @@ def test_engine_on_cpu_runs_prepacked_weights(default_model_path):
     from services.gpu_worker.engine.config import EngineConfig
     from services.gpu_worker.engine.llm_engine import LLMEngine
 
-    model = LLMEngine(EngineConfig(model=str(default_model_path), num_kv_blocks=16)).model
+    from services.gpu_worker.profiler import default_model_path as cached_profile_path
+
+    engine = LLMEngine(EngineConfig(model=str(default_model_path), num_kv_blocks=16))
+    model = engine.model
+    assert model.linear_kernels == "onednn" and "-onednn-" in cached_profile_path(engine).name  # a new profile
     assert all(t.is_mkldnn for lw in model.weights.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down))
     assert model.lm_head.is_mkldnn
     assert not model.weights.embed.is_mkldnn and model.weights.lm_head is model.weights.embed  # tied: rows looked up

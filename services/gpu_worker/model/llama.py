@@ -47,7 +47,8 @@ class LlamaModel:
         # The projections' weights in the layout the CPU's linear primitive reads fastest (see linear.py); the
         # lm_head is packed apart, as a tied one is also the embedding table (looked up by row).
         self.lm_head = self.weights.lm_head
-        if can_prepack(device, dtype):
+        self.linear_kernels = "onednn" if can_prepack(device, dtype) else "torch"  # part of a cached profile's key
+        if self.linear_kernels == "onednn":
             for lw in self.weights.layers:
                 lw.qkv, lw.o, lw.gate_up, lw.down = (prepack(t) for t in (lw.qkv, lw.o, lw.gate_up, lw.down))
             self.lm_head = prepack(self.weights.lm_head)
