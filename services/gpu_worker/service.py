@@ -57,6 +57,11 @@ DRAIN_TIMEOUT_S = 10.0  # on stop, in-flight requests get this long to finish be
 MAX_FINISHED_REPORTED = 256  # finished requests' output lengths per heartbeat (the schedulers' averages)
 
 
+def _adapter_unavailable(exc: ValueError) -> MeshError:
+    """The reply for an adapter the engine refused (EngineRequestError carries its status; validation is 400)."""
+    return MeshError.of(getattr(exc, "status", 400), str(exc), code="adapter_unavailable")
+
+
 def default_worker_id() -> str:
     host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "worker"
     return f"{host}-{os.getpid()}"
@@ -246,7 +251,7 @@ class GpuWorkerService:
             adapter = await asyncio.get_running_loop().run_in_executor(
                 self._step_thread, self.engine.read_adapter, name, path)
         except ValueError as exc:  # EngineRequestError or AdapterValidationError
-            raise MeshError.of(getattr(exc, "status", 400), str(exc), code="adapter_unavailable") from None
+            raise _adapter_unavailable(exc) from None
         loaded = asyncio.get_running_loop().create_future()
         self._loads.append((adapter, loaded))
         self._wake.set()
@@ -278,7 +283,7 @@ class GpuWorkerService:
                     self.engine.register_adapter(adapter)
                 future.set_result(None)
             except ValueError as exc:  # EngineRequestError (409: in use, being removed) or AdapterValidationError
-                future.set_exception(MeshError.of(getattr(exc, "status", 400), str(exc), code="adapter_unavailable"))
+                future.set_exception(_adapter_unavailable(exc))
         unloads, self._unloads = self._unloads, []
         for name in unloads:
             self._last_used.pop(name, None)

@@ -39,7 +39,6 @@ def test_only_float32_cpu_weights_are_prepacked():
 def test_engine_on_cpu_runs_prepacked_weights(default_model_path):
     from services.gpu_worker.engine.config import EngineConfig
     from services.gpu_worker.engine.llm_engine import LLMEngine
-
     from services.gpu_worker.profiler import default_model_path as cached_profile_path
 
     engine = LLMEngine(EngineConfig(model=str(default_model_path), num_kv_blocks=16))

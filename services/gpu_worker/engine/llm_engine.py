@@ -180,7 +180,8 @@ class LLMEngine:
 
     def read_adapter(self, name: str, path) -> LoRAAdapter:
         """An adapter's files read and validated for this base model, not registered. It touches no engine state,
-        so a server runs it off the engine's thread (parsing a rank-64 adapter takes tens of ms on a CPU)."""
+        so a server can parse while it admits requests and register between steps (the worker parses on its step
+        thread: see gpu_worker/service.py)."""
         if not ADAPTER_NAME_PATTERN.match(name or ""):
             raise EngineRequestError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
         if name == self.model_name:
