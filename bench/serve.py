@@ -2,7 +2,8 @@
 """Serving benchmark: an open-loop multi-adapter workload against OpenAI-compatible streaming endpoints, our mesh
 and two PEFT baselines started by the harness, in the same run.
 
-Workload (seeded; the same request list for every system at a given adapter count and rate):
+Workload (seeded; the same request list for every system at a given adapter count and rate, and the same
+arrivals, lengths and prompts at every adapter count: only the adapters the requests use differ):
   arrivals     Poisson: exponential inter-arrival times with mean 1/rate, for --duration seconds (or exactly
                --requests requests) per rate point; a sweep of --rates. A "burst" point (--burst-requests, all sent
                at once) measures saturated throughput.
@@ -223,10 +224,12 @@ def make_adapter_specs(n: int, ranks: list[int], seed: int) -> list[AdapterSpec]
     return out
 
 
-def point_seed(seed: int, n_adapters: int, rate: float) -> int:
-    """The seed of one (adapter count, rate) point: the same for every system."""
+def point_seed(seed: int, rate: float) -> int:
+    """The seed of one rate point: the same for every system and every adapter count (build_workload draws only
+    the adapter picks from the count, so the throughput of 8 and of 512 adapters is measured on the same arrivals
+    and lengths; with its own lengths per count the 512-adapter burst had 7.5% more prompt tokens to prefill)."""
     r = "burst" if math.isinf(rate) else f"{rate:.6g}"
-    return int.from_bytes(f"{seed}|{n_adapters}|{r}".encode(), "little") % (2**63)
+    return int.from_bytes(f"{seed}|{r}".encode(), "little") % (2**63)
 
 
 def build_workload(adapters: list[AdapterSpec], *, rate: float, seed: int, prompt: LengthDist, output: LengthDist,
@@ -234,7 +237,9 @@ def build_workload(adapters: list[AdapterSpec], *, rate: float, seed: int, promp
                    popularity_kind: str = "uniform", alpha: float = 1.0, base_fraction: float = 0.0,
                    base_model: str = "base") -> list[RequestSpec]:
     """The requests of one rate point, deterministic for (adapters, rate, seed, distributions): Poisson arrivals
-    for `duration` seconds (at least `min_count` of them: the window then grows), or exactly `count`."""
+    for `duration` seconds (at least `min_count` of them: the window then grows), or exactly `count`. Arrivals,
+    lengths and prompts depend on the seed only; which adapter each request uses comes from a second generator
+    seeded with the seed and the number of adapters."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -243,12 +248,13 @@ def build_workload(adapters: list[AdapterSpec], *, rate: float, seed: int, promp
         rng = np.random.default_rng(seed)
         arrivals = poisson_arrivals(rng, rate, count=min_count)
     n = len(arrivals)
-    probs = popularity(len(adapters), popularity_kind, alpha) if adapters else []
-    picks = rng.choice(len(adapters), size=n, p=probs) if adapters else np.zeros(n, dtype=int)
     to_base = rng.random(n) < base_fraction if adapters else np.ones(n, dtype=bool)
     prompt_lens = prompt.sample(rng, n)
     output_lens = output.sample(rng, n)
     keys = rng.integers(0, 2**31, size=n)
+    probs = popularity(len(adapters), popularity_kind, alpha) if adapters else []
+    picks = (np.random.default_rng([seed, len(adapters)]).choice(len(adapters), size=n, p=probs) if adapters
+             else np.zeros(n, dtype=int))
     out = []
     for i in range(n):
         if to_base[i]:
@@ -1392,7 +1398,7 @@ def run_system(run: Run, system: str, n: int, adapters: list[AdapterSpec], adapt
         slo: SLO = state["slo"]
 
         for rate in args.rate_list:
-            specs = build_workload(adapters, rate=rate, seed=point_seed(args.seed, n, rate), prompt=prompt_d,
+            specs = build_workload(adapters, rate=rate, seed=point_seed(args.seed, rate), prompt=prompt_d,
                                    output=output_d, duration=args.duration, count=args.requests,
                                    min_count=args.min_requests, popularity_kind=args.popularity, alpha=args.alpha,
                                    base_fraction=args.base_fraction, base_model=target.base_model)
@@ -1412,7 +1418,7 @@ def run_system(run: Run, system: str, n: int, adapters: list[AdapterSpec], adapt
                 log(f"{system} N={n}: SLO broken at {rate:g} req/s; higher rates skipped")
                 break
         if args.burst_requests:
-            specs = build_workload(adapters, rate=math.inf, seed=point_seed(args.seed, n, math.inf), prompt=prompt_d,
+            specs = build_workload(adapters, rate=math.inf, seed=point_seed(args.seed, math.inf), prompt=prompt_d,
                                    output=output_d, count=args.burst_requests, popularity_kind=args.popularity,
                                    alpha=args.alpha, base_fraction=args.base_fraction, base_model=target.base_model)
             t = time.perf_counter()

@@ -114,6 +114,8 @@ class GpuWorkerService:
         self._fetching: dict[str, asyncio.Future] = {}  # adapter name -> its fetch, shared by concurrent requests
         self._last_used: OrderedDict[str, None] = OrderedDict()  # adapters requested here, least recent first
         self._wanted: dict[str, int] = {}  # adapter -> requests between arrival and admission
+        # request id -> (request, task) of requests waiting for their adapter's load (see on_generate)
+        self._arrivals: dict[str, tuple[GenerateRequest, asyncio.Task]] = {}
         self._fetched: dict[str, Path] = {}  # adapter -> its files in _adapter_dir
         self._loads: list[tuple[LoRAAdapter, asyncio.Future]] = []  # fetched, parsed adapters for the loop to register
         self._gateways_seen: dict[str, float] = {}  # gateway id -> monotonic time of its last heartbeat
@@ -152,8 +154,16 @@ class GpuWorkerService:
             await sub.unsubscribe()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DRAIN_TIMEOUT_S
-        while (self._running or self._admissions) and loop.time() < deadline and not self._tasks[0].done():
+        while ((self._running or self._admissions or self._arrivals) and loop.time() < deadline
+               and not self._tasks[0].done()):
             await asyncio.sleep(0.05)
+        waiting = list(self._arrivals.values())  # adapters still loading: fail their requests now
+        for request, task in waiting:
+            task.cancel()
+            if self._nc is not None and self._nc.is_connected:
+                await publish(self._nc, request.reply_to, ErrorReply(
+                    503, "the worker shut down before the request started", "service_unavailable", "worker_stopped"))
+        await asyncio.gather(*(task for _, task in waiting), return_exceptions=True)
         for request_id in list(self._running) + [a.request.request_id for a in self._admissions]:
             self._cancels.append(request_id)
         self._stopped.set()
@@ -180,15 +190,36 @@ class GpuWorkerService:
         except MeshError as exc:
             await publish(self._nc, request.reply_to, exc.reply)
             return
+        if adapter is None:
+            self._admit(request, params, None)
+            return
+        self._wanted[adapter] = self._wanted.get(adapter, 0) + 1  # not evicted until admitted (or refused)
+        if adapter in self.engine.adapter_names():
+            self._admit(request, params, adapter)
+            return
+        # A cold adapter: wait for its load in a task of its own. nats-py runs one subscription's callbacks one at
+        # a time, so awaiting the load here held every later request behind it (for a resident adapter too) and
+        # loaded cold adapters one after another, one per engine step (bench/serve.py: a burst of 32 requests for
+        # 32 cold adapters reached their first tokens ~0.6 s apart).
+        task = asyncio.create_task(self._admit_after_load(request, params, adapter))
+        self._arrivals[request.request_id] = (request, task)
+        task.add_done_callback(lambda _: self._arrivals.pop(request.request_id, None))
+
+    async def _admit_after_load(self, request: GenerateRequest, params: SamplingParams, adapter: str) -> None:
+        try:
+            await self._ensure_adapter(adapter)
+        except MeshError as exc:
+            self._unwant(adapter)
+            await publish(self._nc, request.reply_to, exc.reply)
+            return
+        except asyncio.CancelledError:  # cancelled by the client, or failed by stop()
+            self._unwant(adapter)
+            raise
+        self._admit(request, params, adapter)
+
+    def _admit(self, request: GenerateRequest, params: SamplingParams, adapter: str | None) -> None:
+        """Hand a request whose adapter (if any) is registered to the engine loop."""
         if adapter is not None:
-            self._wanted[adapter] = self._wanted.get(adapter, 0) + 1  # not evicted until admitted (or refused)
-            try:
-                if adapter not in self.engine.adapter_names():
-                    await self._ensure_adapter(adapter)
-            except MeshError as exc:
-                self._unwant(adapter)
-                await publish(self._nc, request.reply_to, exc.reply)
-                return
             self._last_used[adapter] = None
             self._last_used.move_to_end(adapter)
         self._admissions.append(_Admission(request, params, adapter))
@@ -200,6 +231,10 @@ class GpuWorkerService:
             del self._wanted[adapter]
 
     async def on_cancel(self, msg, cancel: CancelRequest) -> None:
+        arrival = self._arrivals.pop(cancel.request_id, None)
+        if arrival is not None:  # still waiting for its adapter: never reaches the engine (the load goes on)
+            arrival[1].cancel()
+            return
         self._cancels.append(cancel.request_id)
         self._wake.set()
 
@@ -233,6 +268,7 @@ class GpuWorkerService:
         await asyncio.shield(future)
 
     async def _fetch_and_load(self, name: str) -> None:
+        t0 = time.perf_counter()
         try:
             info = await get_adapter(self._nc, name, timeout=self.config.request_timeout)
         except MeshError as exc:
@@ -243,8 +279,10 @@ class GpuWorkerService:
         if info.base_fingerprint != self.base_fingerprint:
             raise MeshError.of(400, f"adapter {name!r} was made for another base model ({info.base_model})",
                                code="adapter_base_mismatch")
+        t1 = time.perf_counter()
         path = await fetch_adapter(self._js, info, self._adapter_dir)
         self._fetched[name] = path
+        t2 = time.perf_counter()
         try:  # parsed on the step thread, between two steps. Not on another thread: once a second thread has run
             # a parallel torch op, libgomp keeps two thread teams on the cores and every later step ran 1.5-2x
             # slower on a 2-core CPU (bench/serve.py's ours broke its SLO at half the load the engine holds)
@@ -252,10 +290,14 @@ class GpuWorkerService:
                 self._step_thread, self.engine.read_adapter, name, path)
         except ValueError as exc:  # EngineRequestError or AdapterValidationError
             raise _adapter_unavailable(exc) from None
+        t3 = time.perf_counter()
         loaded = asyncio.get_running_loop().create_future()
         self._loads.append((adapter, loaded))
         self._wake.set()
         await loaded
+        log.info("adapter %s (rank %d) loaded in %.0f ms: lookup %.0f, fetch %.0f, parse %.0f, register %.0f",
+                 name, adapter.max_rank, 1e3 * (time.perf_counter() - t0), 1e3 * (t1 - t0), 1e3 * (t2 - t1),
+                 1e3 * (t3 - t2), 1e3 * (time.perf_counter() - t3))
 
     # ---- the engine loop ----
     async def _engine_loop(self) -> None:

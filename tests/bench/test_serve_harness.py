@@ -128,11 +128,18 @@ def test_length_distribution_is_clipped_log_normal():
 
 def test_workload_is_deterministic_for_a_seed():
     adapters = serve.make_adapter_specs(8, [8, 16, 32, 64], seed=0)
-    a = _workload(adapters, duration=30.0, seed=serve.point_seed(0, 8, 0.5), rate=0.5)
-    b = _workload(adapters, duration=30.0, seed=serve.point_seed(0, 8, 0.5), rate=0.5)
-    c = _workload(adapters, duration=30.0, seed=serve.point_seed(1, 8, 0.5), rate=0.5)
+    a = _workload(adapters, duration=30.0, seed=serve.point_seed(0, 0.5), rate=0.5)
+    b = _workload(adapters, duration=30.0, seed=serve.point_seed(0, 0.5), rate=0.5)
+    c = _workload(adapters, duration=30.0, seed=serve.point_seed(1, 0.5), rate=0.5)
     assert a == b and a != c
-    assert serve.point_seed(0, 8, 0.5) != serve.point_seed(0, 64, 0.5) != serve.point_seed(0, 8, math.inf)
+    assert serve.point_seed(0, 0.5) != serve.point_seed(0, math.inf)
+    # another adapter count: the same arrivals, lengths and prompts, other adapters (throughput versus adapter count
+    # compares like with like)
+    more = _workload(serve.make_adapter_specs(64, [8, 16, 32, 64], seed=0), duration=30.0,
+                     seed=serve.point_seed(0, 0.5), rate=0.5)
+    same = ("arrival_s", "prompt_tokens", "max_tokens", "prompt_key")
+    assert [[getattr(s, f) for f in same] for s in more] == [[getattr(s, f) for f in same] for s in a]
+    assert [s.model for s in more] != [s.model for s in a]
     # a low rate still gets min_count requests, deterministically
     few = _workload(adapters, duration=5.0, rate=0.1, min_count=6, seed=11)
     assert len(few) == 6 and few == _workload(adapters, duration=5.0, rate=0.1, min_count=6, seed=11)

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from services.adapter_store.client import register_from_dir
+from services.gpu_worker import service as worker_service
 from services.gpu_worker.engine.sequence import SamplingParams
 from shared.demo_adapters import DEMO_ADAPTERS, demo_adapter_path
 
@@ -84,6 +85,57 @@ async def test_fetched_adapters_are_parsed_on_the_step_thread(mesh, monkeypatch)
                             timeout=30)
     assert await ask(client(mesh), "completion", "thread-check", stream=False)
     assert len(threads) == 1 and threads[0].startswith("engine-step"), threads
+
+
+def hold_fetches(monkeypatch) -> asyncio.Event:
+    """Every adapter fetch of the worker waits until the returned event is set."""
+    release = asyncio.Event()
+    fetch = worker_service.fetch_adapter
+
+    async def held(js, info, root):
+        await release.wait()
+        return await fetch(js, info, root)
+
+    monkeypatch.setattr(worker_service, "fetch_adapter", held)
+    return release
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_a_cold_adapter_load_holds_up_no_other_request(mesh, monkeypatch):
+    """nats-py runs one subscription's callbacks one at a time: a worker that awaited an adapter's load in its
+    generate handler held every later request behind it, and loaded cold adapters one after another."""
+    release = hold_fetches(monkeypatch)
+    await register_from_dir(mesh.connections[0], "held-back", demo_adapter_path(next(iter(DEMO_ADAPTERS))),
+                            timeout=30)
+    c = client(mesh)
+    cold = asyncio.create_task(ask(c, "completion", "held-back", stream=False))
+    await until(lambda: mesh.worker._arrivals)
+    assert await asyncio.wait_for(ask(c, "completion", mesh.engine.model_name, stream=False), 30)
+    assert not cold.done()  # still waiting for its adapter while the base-model request went through
+    release.set()
+    assert await asyncio.wait_for(cold, 30)
+    assert mesh.worker._arrivals == {} and mesh.worker._wanted == {}
+
+
+async def test_a_request_cancelled_while_its_adapter_loads_never_runs(mesh, monkeypatch):
+    release = hold_fetches(monkeypatch)
+    await register_from_dir(mesh.connections[0], "left-behind", demo_adapter_path(next(iter(DEMO_ADAPTERS))),
+                            timeout=30)
+    cold = asyncio.create_task(ask(client(mesh), "completion", "left-behind", stream=True))
+    await until(lambda: mesh.worker._arrivals)
+    cold.cancel()  # the client goes away: the gateway cancels, the worker drops the request before admission
+    await until(lambda: not mesh.worker._arrivals)
+    release.set()
+    await until(lambda: "left-behind" in mesh.engine.adapter_names())  # the load itself completes, for later use
+    await asyncio.sleep(0.2)  # an admission, had there been one, would reach the engine within a loop turn
+    assert not mesh.engine.has_unfinished() and mesh.worker._running == {} and mesh.worker._wanted == {}
 
 
 @pytest.mark.slow
