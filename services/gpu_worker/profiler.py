@@ -227,7 +227,8 @@ def default_model_path(engine, data_dir: str | None = None) -> Path:
 
     c = engine.config
     parts = [engine.model_name, str(c.torch_device()).replace(":", ""), str(c.torch_dtype()).removeprefix("torch."),
-             engine.lora_backend, engine.model.linear_kernels, f"seqs{c.max_num_seqs}", socket.gethostname()]
+             engine.lora_backend + ("-bagged" if getattr(engine.model.lora_backend, "bagged", None) else ""),
+             engine.model.linear_kernels, f"seqs{c.max_num_seqs}", socket.gethostname()]
     slug = "-".join(p.replace("/", "_") for p in parts)
     return resolve_data_dir(data_dir) / "perf_models" / f"{slug}.json"
 

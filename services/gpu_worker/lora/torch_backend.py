@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from services.gpu_worker.lora.bagged_pool import BaggedLoRAPool, BaggedStep
 from services.gpu_worker.lora.batch_info import LoRABatchInfo
 from services.gpu_worker.lora.slot_weights import SlotWeights
 
@@ -30,7 +31,12 @@ def apply_lora(
     info: LoRABatchInfo,
 ) -> None:
     """Add every adapter's LoRA delta for `group` of `layer` into `y` ([T, out]) given the group input x ([T, in])."""
-    for slot, start, end in info.segments:
+    apply_segments(y, x, slots, layer, group, info.segments)
+
+
+def apply_segments(y, x, slots: list[SlotWeights | None], layer: int, group: str,
+                   segments: list[tuple[int, int, int]]) -> None:
+    for slot, start, end in segments:
         weights = slots[slot]
         if weights is None:
             continue
@@ -44,11 +50,27 @@ def apply_lora(
 
 
 class TorchLoRABackend:
-    """The backend interface the model calls (`prepare` once per step, `apply` per layer and group)."""
+    """The backend interface the model calls (`prepare` once per step, `apply` per layer and group).
+
+    bagged=True (the engine sets it on the CPU): segments of a few tokens (decode) go through BaggedLoRAPool, a few
+    embedding_bag ops per layer for all of them, instead of two GEMMs per segment (see bagged_pool.py)."""
+
+    def __init__(self, bagged: bool = False) -> None:
+        self.bagged = BaggedLoRAPool() if bagged else None
 
     def prepare(self, info: LoRABatchInfo, slots: list[SlotWeights | None],
                 prefill_ranges: list[tuple[int, int]] | None = None) -> None:
-        pass  # works on views of the batch: no per-step metadata
+        if self.bagged is not None:
+            info.kernel_meta = self.bagged.prepare(info.segments, slots)
 
     def apply(self, y, x, slots, layer: int, group: str, info: LoRABatchInfo) -> None:
-        apply_lora(y, x, slots, layer, group, info)
+        step = info.kernel_meta
+        if not isinstance(step, BaggedStep):  # no bagging, or a caller that did not prepare: the loop
+            apply_segments(y, x, slots, layer, group, info.segments)
+            return
+        plans = step.groups.get(group)
+        if plans:
+            BaggedLoRAPool.apply(y, x, layer, plans)
+        rest = step.rest.get(group)
+        if rest:
+            apply_segments(y, x, slots, layer, group, rest)

@@ -54,7 +54,8 @@ class LlamaModel:
             self.lm_head = prepack(self.weights.lm_head)
         self.cos, self.sin = rope_tables(config, max_positions, device)
         # prepare(info, slots) once per step, apply(y, x, slots, layer, group, info) per layer and group
-        self.lora_backend = lora_backend or TorchLoRABackend()
+        # (the torch backend bags short segments on the CPU: see lora/bagged_pool.py)
+        self.lora_backend = lora_backend or TorchLoRABackend(bagged=device.type == "cpu")
         # "torch": SDPA over gathered cache slots (the CPU path and the oracle); "triton": the paged-attention
         # kernels over block tables (services/gpu_worker/attention); the runner builds the matching metadata
         self.attention_backend = attention_backend
