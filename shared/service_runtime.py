@@ -2,13 +2,16 @@
 
 A service is a class with `name`, `async start(nc)` (subscribe its handlers, start its loops) and `async stop()`
 (stop taking work, finish or fail what is in flight, free resources). `run_service` wraps one in a process:
-on SIGTERM or SIGINT it calls `stop()`, drains the NATS connection and returns exit code 0.
+on SIGTERM or SIGINT it calls `stop()`, drains the NATS connection and returns exit code 0. A signal during `build`
+(slow: a worker loads and may profile its model) sets `shutdown_requested`; long start-up work polls it and raises
+StartupCancelled, and the process exits 0 without starting.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import threading
 from collections.abc import Callable
 from typing import Protocol
 
@@ -19,6 +22,12 @@ from shared.mesh_config import MeshConfig
 from shared.nats_client import connect, redact
 
 log = logging.getLogger(__name__)
+# set on SIGTERM/SIGINT; `build` runs on another thread, so this is a threading.Event it can poll
+shutdown_requested = threading.Event()
+
+
+class StartupCancelled(Exception):
+    """Raised by a service's `build` that saw shutdown_requested: the process stops before it starts."""
 
 
 class MeshService(Protocol):
@@ -45,9 +54,19 @@ def run_service(build: Callable[[], MeshService], config: MeshConfig, name: str)
 async def _serve(build: Callable[[], MeshService], config: MeshConfig, name: str) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    shutdown_requested.clear()
+
+    def on_signal() -> None:
+        shutdown_requested.set()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    service = await asyncio.to_thread(build)
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        service = await asyncio.to_thread(build)
+    except StartupCancelled as exc:
+        log.info("%s stopped while starting: %s", name, exc)
+        return 0
     if stop.is_set():
         return 0
     # NATS may not be up yet (compose starts everything at once): keep trying, but stop on SIGTERM meanwhile

@@ -21,6 +21,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,9 +172,20 @@ class _Profiler:
                                  for rep in range(runs))
 
 
+class ProfilingCancelled(Exception):
+    """should_stop() said so between two points: the engine is left as it was, nothing is written."""
+
+
 def profile_engine(engine, settings: ProfileSettings | None = None, *, show_progress: bool = True,
-                   source: str | None = None) -> PerfModel:
-    """Measure `engine` (idle: it must run nothing else meanwhile) and return its fitted PerfModel."""
+                   source: str | None = None, should_stop: Callable[[], bool] | None = None) -> PerfModel:
+    """Measure `engine` (idle: it must run nothing else meanwhile) and return its fitted PerfModel. `should_stop`
+    is asked before every point (a worker told to stop while it profiles at start-up); ProfilingCancelled if true."""
+
+    def point_done() -> None:
+        bar.update(1)
+        if should_stop is not None and should_stop():
+            raise ProfilingCancelled("profiling stopped before it finished")
+
     from tqdm import tqdm
 
     s = (settings or ProfileSettings()).fitted_to(engine)
@@ -195,15 +207,15 @@ def profile_engine(engine, settings: ProfileSettings | None = None, *, show_prog
         with torch.inference_mode():
             prof.decode([0])  # warm-up: first steps are slow (allocations, kernel compilation)
             prof.prefill(s.prompt_lengths[0], max(s.ranks))
-            bar.update(1)
+            point_done()
             decode = []
             for mix in mixes:
                 decode.append(prof.decode(mix))
-                bar.update(1)
+                point_done()
             prefill = []
             for n, r in prefill_points:
                 prefill.append(prof.prefill(n, r))
-                bar.update(1)
+                point_done()
             tpot = prof.no_lora_tpot()
             bar.update(1)
     finally:
@@ -253,8 +265,10 @@ def poor_fit_warning(model: PerfModel) -> str | None:
             "Profile again on an idle machine (caraserve profile), or with more --repeats")
 
 
-def load_or_profile(engine, path: str | None, data_dir: str | None = None) -> PerfModel:
-    """The worker's model: from `path` (must exist), else the cached default, else a quick profile (cached)."""
+def load_or_profile(engine, path: str | None, data_dir: str | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> PerfModel:
+    """The worker's model: from `path` (must exist), else the cached default, else a quick profile (cached;
+    ProfilingCancelled when should_stop() turns true meanwhile)."""
     if path:
         model = PerfModel.load(path)
         log.info("performance model from %s: %s", path, describe(model))
@@ -269,7 +283,7 @@ def load_or_profile(engine, path: str | None, data_dir: str | None = None) -> Pe
             log.warning("ignoring %s: %s", cached, exc)
     print("no performance model for this worker yet: profiling it briefly (once; cached in "
           f"{cached})", file=sys.stderr)
-    model = profile_engine(engine, ProfileSettings.quick())
+    model = profile_engine(engine, ProfileSettings.quick(), should_stop=should_stop)
     model.save(cached)
     log.info("profiled: %s", describe(model))
     warning = poor_fit_warning(model)

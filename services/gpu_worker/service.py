@@ -446,9 +446,10 @@ class GpuWorkerService:
 def serve_command(args) -> int:
     """`caraserve serve gpu_worker`."""
     from services.cli import CLIError, mesh_config, run_mesh_service
-    from services.gpu_worker.profiler import load_or_profile
+    from services.gpu_worker.profiler import ProfilingCancelled, load_or_profile
     from services.gpu_worker.run_batch import build_engine
     from services.scheduler.perf_model import PerfModelError
+    from shared.service_runtime import StartupCancelled, shutdown_requested
 
     config = mesh_config(args)
     args.served_model_name, args.data_dir = config.served_model_name, config.data_dir
@@ -461,9 +462,12 @@ def serve_command(args) -> int:
         engine = step_thread.submit(build_engine, args).result()  # loaded on the thread that will step it
         engines.append(engine)
         try:  # profiled on the step thread too: the times it measures are the ones requests will see
-            perf_model = step_thread.submit(load_or_profile, engine, config.perf_model, config.data_dir).result()
+            perf_model = step_thread.submit(load_or_profile, engine, config.perf_model, config.data_dir,
+                                            shutdown_requested.is_set).result()
         except PerfModelError as exc:
             raise CLIError(f"--perf-model: {exc}") from None
+        except ProfilingCancelled as exc:  # SIGTERM while profiling: stop now, not after the whole profile
+            raise StartupCancelled(str(exc)) from None
         return GpuWorkerService(engine, config, worker_id, step_thread, perf_model)
 
     try:

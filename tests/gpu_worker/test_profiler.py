@@ -55,6 +55,24 @@ def test_profile_measures_the_engine_and_leaves_it_clean(engine):
     assert engine.adapter_names() == [] and not engine.has_unfinished() and engine.blocks.num_free == free
 
 
+def test_profiling_stops_between_points_when_told_and_leaves_the_engine_clean(engine, tmp_path):
+    """A worker sent SIGTERM while it profiles at start-up stops within a point, not after the whole profile."""
+    free = engine.blocks.num_free
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) >= 2
+
+    with pytest.raises(profiler.ProfilingCancelled):
+        profile_engine(engine, TINY, show_progress=False, should_stop=should_stop)
+    assert len(asked) == 2
+    assert engine.adapter_names() == [] and not engine.has_unfinished() and engine.blocks.num_free == free
+    with pytest.raises(profiler.ProfilingCancelled):  # the start-up path: nothing cached
+        load_or_profile(engine, None, str(tmp_path), should_stop=lambda: True)
+    assert not profiler.default_model_path(engine, str(tmp_path)).exists()
+
+
 def test_busy_engine_is_not_profiled(engine):
     from services.gpu_worker.engine.sequence import SamplingParams
 
