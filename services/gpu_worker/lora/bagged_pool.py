@@ -119,6 +119,9 @@ class BaggedStep:
 
 
 class BaggedLoRAPool:
+    """The pools and the per-step plan: `prepare(segments, slots)` once per step (pools new slot weights, drops
+    replaced ones, splits the segments into bagged tokens and the rest), `apply` per layer and group."""
+
     def __init__(self, max_tokens: int = MAX_BAGGED_TOKENS) -> None:
         self.max_tokens = max_tokens
         self._classes: dict[tuple[str, int, int], _Class] = {}  # (group, W, in_features) -> class
