@@ -54,6 +54,7 @@ from shared.protocol import (
 
 log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 10.0  # on stop, in-flight requests get this long to finish before they are failed
+MAX_CONCURRENT_FETCHES = 4  # adapters a worker fetches from the store at once (the rest queue)
 MAX_FINISHED_REPORTED = 256  # finished requests' output lengths per heartbeat (the schedulers' averages)
 
 
@@ -112,6 +113,9 @@ class GpuWorkerService:
         self._unloads: list[str] = []
         self._running: dict[str, _Running] = {}
         self._fetching: dict[str, asyncio.Future] = {}  # adapter name -> its fetch, shared by concurrent requests
+        # at most this many adapters fetched at once: a burst over 50 cold adapters pulled ~400 MB through one
+        # connection together, and some fetches timed out before any finished
+        self._fetch_slots = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
         self._last_used: OrderedDict[str, None] = OrderedDict()  # adapters requested here, least recent first
         self._wanted: dict[str, int] = {}  # adapter -> requests between arrival and admission
         # request id -> (request, task) of requests waiting for their adapter's load (see on_generate)
@@ -215,6 +219,13 @@ class GpuWorkerService:
         except asyncio.CancelledError:  # cancelled by the client, or failed by stop()
             self._unwant(adapter)
             raise
+        except Exception as exc:  # NATS timeouts, a store gone: the request gets an error, never silence
+            log.warning("adapter %s could not be loaded: %s: %s", adapter, type(exc).__name__, exc)
+            self._unwant(adapter)
+            await publish(self._nc, request.reply_to, ErrorReply(
+                503, f"adapter {adapter!r} could not be loaded ({type(exc).__name__}); retry",
+                "service_unavailable", "adapter_load_failed"))
+            return
         self._admit(request, params, adapter)
 
     def _admit(self, request: GenerateRequest, params: SamplingParams, adapter: str | None) -> None:
@@ -268,6 +279,10 @@ class GpuWorkerService:
         await asyncio.shield(future)
 
     async def _fetch_and_load(self, name: str) -> None:
+        async with self._fetch_slots:
+            await self._fetch_and_load_now(name)
+
+    async def _fetch_and_load_now(self, name: str) -> None:
         t0 = time.perf_counter()
         try:
             info = await get_adapter(self._nc, name, timeout=self.config.request_timeout)

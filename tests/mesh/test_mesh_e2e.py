@@ -124,6 +124,22 @@ async def test_a_cold_adapter_load_holds_up_no_other_request(mesh, monkeypatch):
     assert mesh.worker._arrivals == {} and mesh.worker._wanted == {}
 
 
+async def test_an_adapter_load_that_fails_answers_its_requests_with_an_error(mesh, monkeypatch):
+    """A fetch that dies of something other than a refusal (a NATS timeout under load) ends the request with a clear
+    error instead of leaving the client waiting for tokens that never come."""
+
+    async def timing_out(js, info, root):
+        raise TimeoutError("nats: timeout")
+
+    monkeypatch.setattr(worker_service, "fetch_adapter", timing_out)
+    await register_from_dir(mesh.connections[0], "unlucky", demo_adapter_path(next(iter(DEMO_ADAPTERS))),
+                            timeout=30)
+    with pytest.raises(openai.APIStatusError) as err:
+        await asyncio.wait_for(ask(client(mesh), "completion", "unlucky", stream=False), 30)
+    assert err.value.status_code == 503 and "could not be loaded" in str(err.value)
+    assert mesh.worker._arrivals == {} and mesh.worker._wanted == {}
+
+
 async def test_a_request_cancelled_while_its_adapter_loads_never_runs(mesh, monkeypatch):
     release = hold_fetches(monkeypatch)
     await register_from_dir(mesh.connections[0], "left-behind", demo_adapter_path(next(iter(DEMO_ADAPTERS))),
