@@ -21,7 +21,7 @@ from pathlib import Path
 import msgpack
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError, BucketNotFoundError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -139,11 +139,16 @@ class AdapterStore:
             raise MeshError.of(500, f"adapter {name!r}: stored metadata is unreadable: {exc}", "api_error") from None
 
     async def list(self) -> list[AdapterInfo]:
-        """Every registered adapter, sorted by name."""
-        try:
-            names = await self._meta.keys()
-        except NoKeysError:
-            return []
+        """Every registered adapter, sorted by name.
+
+        The names come from the metadata stream's subjects (one STREAM.INFO request), not KeyValue.keys(): nats-py
+        reads keys through a watcher that decides it has seen them all from a pending count, and with 512 adapters
+        on a loaded machine it answered with none (a benchmark's GET /v1/models listed no adapter after 512 were
+        registered; nats-io/nats.py users report lost keys too). Deleted names keep a marker there: get() skips them.
+        """
+        prefix = f"$KV.{ADAPTER_META_BUCKET}."
+        info = await self._js.stream_info(f"KV_{ADAPTER_META_BUCKET}", subjects_filter=f"{prefix}>")
+        names = [subject[len(prefix):] for subject in (info.state.subjects or {})]
         infos = []
         for name in sorted(set(names)):
             try:

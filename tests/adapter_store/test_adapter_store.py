@@ -24,7 +24,7 @@ from shared.adapters import BaseModelShape
 from shared.nats_client import MeshError, connect, request, sync_with_server
 from shared.nats_server import EmbeddedNatsServer
 from shared.protocol import (
-    ADAPTER_BLOB_BUCKET, ADAPTER_FILES, ADAPTER_NAME_PATTERN, SUBJECT_ADAPTER_EVENTS, SUBJECT_ADAPTER_LIST,
+    ADAPTER_BLOB_BUCKET, ADAPTER_FILES, ADAPTER_META_BUCKET, ADAPTER_NAME_PATTERN, SUBJECT_ADAPTER_EVENTS, SUBJECT_ADAPTER_LIST,
     SUBJECT_ADAPTER_REGISTER, AdapterEvent, AdapterInfo, ErrorReply, RegisterAdapter, adapter_object_name,
 )
 from shared.wire import decode
@@ -146,6 +146,24 @@ async def test_register_list_get_delete_with_events(mesh):
         await blobs.get_info(adapter_object_name("caps", "adapter_model.safetensors"))
     # the name is free again
     assert (await register_from_dir(nc, "caps", DEMO / "caps", timeout=T)).sha256 == info.sha256
+
+
+async def test_list_returns_every_adapter_of_a_large_store(mesh):
+    """KeyValue.keys() (a watcher) answered with no key at all once 512 adapters were registered on a loaded machine;
+    the list reads the metadata stream's subjects instead."""
+    import dataclasses
+
+    from services.adapter_store.store import encode_info
+
+    await mesh.start()
+    info = await register_from_dir(mesh.nc, "bulk-template", DEMO / "caps", timeout=T)
+    meta = await mesh.nc.jetstream().key_value(ADAPTER_META_BUCKET)
+    names = [f"bulk-{i:04d}" for i in range(600)]
+    for name in names:
+        await meta.put(name, encode_info(dataclasses.replace(info, name=name)))
+    await meta.delete("bulk-0003")  # a deleted name keeps a marker in the stream: not listed
+    listed = [a.name for a in await list_adapters(mesh.nc, T) if a.name.startswith("bulk-")]
+    assert listed == sorted([*names[:3], *names[4:], "bulk-template"])
 
 
 async def test_duplicate_and_bad_names_refused(mesh):
