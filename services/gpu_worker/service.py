@@ -63,6 +63,11 @@ def _adapter_unavailable(exc: ValueError) -> MeshError:
     return MeshError.of(getattr(exc, "status", 400), str(exc), code="adapter_unavailable")
 
 
+def _worker_stopped() -> ErrorReply:
+    """The reply for a request the worker stopped before it reached the engine."""
+    return ErrorReply(503, "the worker shut down before the request started", "service_unavailable", "worker_stopped")
+
+
 def default_worker_id() -> str:
     host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "worker"
     return f"{host}-{os.getpid()}"
@@ -165,8 +170,7 @@ class GpuWorkerService:
         for request, task in waiting:
             task.cancel()
             if self._nc is not None and self._nc.is_connected:
-                await publish(self._nc, request.reply_to, ErrorReply(
-                    503, "the worker shut down before the request started", "service_unavailable", "worker_stopped"))
+                await publish(self._nc, request.reply_to, _worker_stopped())
         await asyncio.gather(*(task for _, task in waiting), return_exceptions=True)
         for request_id in list(self._running) + [a.request.request_id for a in self._admissions]:
             self._cancels.append(request_id)
@@ -358,8 +362,7 @@ class GpuWorkerService:
                 self._unwant(a.adapter)  # pinned by the engine from here on, if admitted
             if a.request.request_id in cancels:
                 if self._stopped.is_set():
-                    errors.append((a.request.reply_to, ErrorReply(
-                        503, "the worker shut down before the request started", "service_unavailable", "worker_stopped")))
+                    errors.append((a.request.reply_to, _worker_stopped()))
                 continue
             req = a.request
             try:

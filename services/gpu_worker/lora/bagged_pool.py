@@ -17,7 +17,7 @@ so nothing is padded to a maximum rank), for all layers at once, entry e an adap
   b[p] [L, cap·W, width_p]   per output part p (its columns in the fused projection): row e·W + k holds column k of
                              s·B_p, for the rank rows k of p in the stacked A
 Only adapters whose group has the same parts and ranks in every layer are pooled (PEFT's rank_pattern can vary them:
-those keep the per-segment loop). Entries are filled lazily, the first step a slot's weights take this path, and
+those keep the per-segment loop). Entries are filled lazily, the first step a slot's weights appear in, and
 freed when the slot holds other weights; classes grow by doubling. Memory: one more copy of the resident slots'
 weights (max_loras adapters at most).
 """
