@@ -186,6 +186,9 @@ class WorkerHeartbeat:
     block_size: int = 16  # tokens per KV block (free_kv_blocks × block_size = room in tokens)
     # (adapter, output tokens) of requests finished since the last heartbeat ("" for the base model)
     finished: list[tuple[str, int]] = field(default_factory=list)
+    # every request it holds (waiting for its adapter, queued or running) when the heartbeat was sent; gateways end
+    # the streams of placed requests missing from it (a worker restarted under the same id). None: not reported
+    request_ids: list[str] | None = None
 
 
 @dataclass

@@ -40,6 +40,11 @@ def worker_lost_error(reason: str) -> ErrorReply:
                       "worker_lost")
 
 
+def request_lost_error(worker_id: str, silent_s: float) -> ErrorReply:
+    return ErrorReply(503, f"GPU worker {worker_id} has not listed this request in its heartbeats for "
+                           f"{silent_s:.1f}s (it restarted or dropped it); retry", "service_unavailable", "request_lost")
+
+
 @dataclass
 class _Stream:
     """One request in flight: where its chunks go and which worker runs it (once the scheduler said)."""
@@ -47,7 +52,8 @@ class _Stream:
     request_id: str
     queue: asyncio.Queue  # TokenChunk | ErrorReply, in arrival order
     worker_id: str | None = None  # from Placement, or from the first TokenChunk
-    last_heard: float = field(default_factory=time.monotonic)  # placement or the latest chunk
+    # placement, the latest chunk, or the latest heartbeat of its worker that listed it
+    last_heard: float = field(default_factory=time.monotonic)
     ended: bool = False  # an ErrorReply was queued by the gateway itself (worker lost, shutdown)
 
 
@@ -145,7 +151,12 @@ class GatewayMesh:
         except ProtocolError as exc:
             log.warning("malformed heartbeat: %s", exc)
             return
-        self.workers[hb.worker_id] = WorkerState(hb, time.monotonic())
+        now = time.monotonic()
+        self.workers[hb.worker_id] = WorkerState(hb, now)
+        for request_id in hb.request_ids or ():
+            stream = self._streams.get(request_id)
+            if stream is not None and stream.worker_id == hb.worker_id:
+                stream.last_heard = now
         self.model_first_seen.setdefault(hb.model, int(time.time()))
 
     async def _on_worker_lost(self, msg: Msg, lost: WorkerLost) -> None:
@@ -170,7 +181,8 @@ class GatewayMesh:
             stream.queue.put_nowait(error)
 
     async def _watch_workers(self) -> None:
-        """End streams whose worker has been silent (no heartbeat, no chunk) for worker_timeout; forget it."""
+        """End streams whose worker has been silent (no heartbeat, no chunk) for worker_timeout, or whose worker
+        keeps sending heartbeats that do not list them (it restarted under the same id); forget silent workers."""
         timeout = self.config.worker_timeout
         while True:
             await asyncio.sleep(min(0.5, timeout / 4))
@@ -182,6 +194,9 @@ class GatewayMesh:
                 heard = max(stream.last_heard, state.last_seen if state else 0.0)
                 if now - heard > timeout:
                     self._end(stream, worker_lost_error(f"no heartbeat for {now - heard:.1f}s"))
+                elif state is not None and state.heartbeat.request_ids is not None \
+                        and now - stream.last_heard > timeout:
+                    self._end(stream, request_lost_error(stream.worker_id, now - stream.last_heard))
             for worker_id, state in list(self.workers.items()):
                 if now - state.last_seen > 10 * timeout:
                     del self.workers[worker_id]

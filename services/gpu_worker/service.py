@@ -447,6 +447,7 @@ class GpuWorkerService:
         hb = self._snapshot
         hb.ready = self._accepting
         hb.finished, self._finished = self._finished[-MAX_FINISHED_REPORTED:], []
+        hb.request_ids = [*self._arrivals, *(a.request.request_id for a in self._admissions), *self._running]
         await publish(self._nc, SUBJECT_HEARTBEAT, hb)
 
     async def _heartbeat_loop(self) -> None:

@@ -205,6 +205,26 @@ async def test_worker_crash_mid_stream_then_a_new_worker_serves(mesh):
 
 
 @pytest.mark.slow
+async def test_a_worker_restarted_under_the_same_id_ends_the_streams_it_lost(mesh):
+    """Its heartbeats resume before the gateway misses them, but no longer list the old request: the client gets an
+    error event instead of waiting forever."""
+    c = client(mesh)
+    stream = await c.completions.create(model=mesh.engine.model_name, prompt="Count: 1, 2, 3,", max_tokens=400,
+                                        temperature=0, stream=True)
+    got_chunk = False
+    with pytest.raises(openai.APIError, match="has not listed this request"):
+        async with asyncio.timeout(10 * mesh.config.worker_timeout):
+            async for _ in stream:
+                if not got_chunk:
+                    got_chunk = True
+                    await mesh.crash_worker()
+                    await mesh.start_worker("w1")  # back within worker_timeout: never seen as lost
+    assert got_chunk
+    answer = await c.completions.create(model=mesh.engine.model_name, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 4
+
+
+@pytest.mark.slow
 async def test_deleted_adapter_is_refused_to_new_requests(mesh):
     await register_demo_adapters(mesh)
     c = client(mesh)
