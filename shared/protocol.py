@@ -144,6 +144,10 @@ class TokenChunk:
     logprobs: list[TokenLogprobs] | None = None  # when the request asked for logprobs
     prompt_tokens: int = 0  # the prompt's length in tokens
     completion_tokens: int = 0  # tokens generated so far, in total
+    # seconds the worker's engine spent in steps since it admitted the request (queueing behind other requests and
+    # computing): the rest of the time to this chunk is transport and service code. The gateway reports it in a
+    # Server-Timing header
+    engine_s: float = 0.0
 
 
 @dataclass

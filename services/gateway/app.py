@@ -171,6 +171,13 @@ async def _generate(request: web.Request, parsed: ParsedRequest) -> web.StreamRe
         pending.release()
 
 
+def server_timing(chunk: TokenChunk) -> dict[str, str]:
+    """The Server-Timing header for a response whose headers go out with `chunk` (a stream: its first chunk; a
+    complete answer: its last): the worker's engine time (TokenChunk.engine_s) so far, in ms. The rest of the
+    latency the client sees is transport and service code (bench/mesh_overhead.py measures it this way)."""
+    return {"Server-Timing": f'engine;dur={chunk.engine_s * 1000:.3f};desc="engine steps since admission"'}
+
+
 async def _complete(parsed: ParsedRequest, first: TokenChunk, chunks) -> web.Response:
     """A non-streaming answer: gather every chunk, then build the response as run_batch does."""
     collected = [first]
@@ -187,7 +194,7 @@ async def _complete(parsed: ParsedRequest, first: TokenChunk, chunks) -> web.Res
         prompt_tokens=max(c.prompt_tokens for c in collected), completion_tokens=last.completion_tokens,
         logprobs=[it for c in collected for it in _items(c)] if parsed.logprobs else None,
     )
-    return web.json_response(body)
+    return web.json_response(body, headers=server_timing(last))
 
 
 class _SSEBuilder:
@@ -236,7 +243,7 @@ class _SSEBuilder:
 async def _stream(request: web.Request, parsed: ParsedRequest, first: TokenChunk, chunks) -> web.StreamResponse:
     """Server-sent events until [DONE]. A client that goes away ends it quietly; the caller cancels the request."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+                                           "X-Accel-Buffering": "no", **server_timing(first)})
     await response.prepare(request)
     builder = _SSEBuilder(parsed)
     try:

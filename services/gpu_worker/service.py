@@ -86,6 +86,7 @@ class _Admission:
 class _Running:
     request: GenerateRequest
     params: SamplingParams
+    engine_s_at_admission: float  # GpuWorkerService._engine_s when it was added to the engine
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -117,6 +118,7 @@ class GpuWorkerService:
         self._cancels: list[str] = []
         self._unloads: list[str] = []
         self._running: dict[str, _Running] = {}
+        self._engine_s = 0.0  # seconds spent in engine steps so far (TokenChunk.engine_s)
         self._fetching: dict[str, asyncio.Future] = {}  # adapter name -> its fetch, shared by concurrent requests
         # at most this many adapters fetched at once: a burst over 50 cold adapters pulled ~400 MB through one
         # connection together, and some fetches timed out before any finished
@@ -328,12 +330,19 @@ class GpuWorkerService:
             if self._stopped.is_set() and not self.engine.has_unfinished():
                 return
             if self.engine.has_unfinished():
-                outputs = await asyncio.get_running_loop().run_in_executor(self._step_thread, self.engine.step)
+                outputs = await asyncio.get_running_loop().run_in_executor(self._step_thread, self._timed_step)
                 await self._publish_outputs(outputs)
             else:
                 self._wake.clear()
                 await self._wake.wait()
             self._snapshot = self._heartbeat()
+
+    def _timed_step(self) -> list[RequestOutput]:
+        """engine.step(), adding its duration to _engine_s (written here only, read on the loop between steps)."""
+        t0 = time.perf_counter()
+        outputs = self.engine.step()
+        self._engine_s += time.perf_counter() - t0
+        return outputs
 
     def _apply_pending(self) -> list[tuple[str, ErrorReply]]:
         """Everything that touches the engine besides step(), done between steps (the engine is not thread-safe).
@@ -371,7 +380,7 @@ class GpuWorkerService:
             except EngineRequestError as exc:
                 errors.append((req.reply_to, ErrorReply(exc.status, str(exc), code=exc.code)))
                 continue
-            self._running[req.request_id] = _Running(req, a.params)
+            self._running[req.request_id] = _Running(req, a.params, self._engine_s)
         self._evict_idle_adapters()
         return errors
 
@@ -416,6 +425,7 @@ class GpuWorkerService:
                 num_tokens=len(out.new_token_ids), finished=out.finished,
                 finish_reason=out.finish_reason.value if out.finish_reason else None, logprobs=logprobs,
                 prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                engine_s=self._engine_s - entry.engine_s_at_admission,
             )
             await publish(self._nc, entry.request.reply_to, chunk)
 

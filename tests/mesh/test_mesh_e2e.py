@@ -265,6 +265,24 @@ async def test_two_workers_share_the_load(mesh, reference_engine):
 
 
 @pytest.mark.slow
+async def test_responses_report_the_engine_time_in_server_timing(mesh):
+    """Streamed: the engine time until the first token (the header goes out with it); complete: until the end."""
+    url = f"{mesh.base_url}/v1/completions"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {mesh.config.api_key}"}) as http:
+        for stream in (True, False):
+            body = {"model": mesh.engine.model_name, "prompt": PROMPT, "max_tokens": 4, "stream": stream}
+            t0 = asyncio.get_running_loop().time()
+            async with http.post(url, json=body) as resp:
+                assert resp.status == 200
+                timing = resp.headers["Server-Timing"]
+                await resp.read()
+            elapsed_ms = 1000 * (asyncio.get_running_loop().time() - t0)
+            name, dur, desc = timing.split(";")
+            assert name == "engine" and desc.startswith("desc=")
+            assert 0 < float(dur.removeprefix("dur=")) < elapsed_ms
+
+
+@pytest.mark.slow
 async def test_bad_requests_through_the_whole_mesh(mesh):
     c = client(mesh)
     with pytest.raises(openai.BadRequestError, match="context"):  # the worker's tokenizer decides
