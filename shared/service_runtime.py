@@ -1,8 +1,10 @@
 """How every mesh service process runs: logging, tracing, NATS, signals, and a clean stop.
 
 A service is a class with `name`, `async start(nc)` (subscribe its handlers, start its loops) and `async stop()`
-(stop taking work, finish or fail what is in flight, free resources). `run_service` wraps one in a process:
-on SIGTERM or SIGINT it calls `stop()`, drains the NATS connection and returns exit code 0. A signal during `build`
+(stop taking work, finish or fail what is in flight, free resources), and optionally `crashed`, an asyncio.Event it
+sets when a loop it cannot serve without has failed. `run_service` wraps one in a process: on SIGTERM or SIGINT it
+calls `stop()`, drains the NATS connection and returns exit code 0; when `crashed` is set, the same but exit code
+1, so a supervisor (`caraserve up`, compose's restart policy) starts a fresh process. A signal during `build`
 (slow: a worker loads and may profile its model) sets `shutdown_requested`; long start-up work polls it and raises
 StartupCancelled, and the process exits 0 without starting.
 """
@@ -81,11 +83,20 @@ async def _serve(build: Callable[[], MeshService], config: MeshConfig, name: str
     stopping.cancel()
     nc = connecting.result()
     log.info("connected to %s", redact(config.nats_url))
+    crashed: asyncio.Event | None = getattr(service, "crashed", None)
+    code = 0
     try:
         await service.start(nc)
         log.info("%s ready", name)
-        await stop.wait()
-        log.info("%s stopping", name)
+        waits = [asyncio.create_task(event.wait()) for event in (stop, crashed) if event is not None]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        if crashed is not None and crashed.is_set() and not stop.is_set():
+            log.error("%s failed; stopping with exit code 1", name)
+            code = 1
+        else:
+            log.info("%s stopping", name)
     finally:
         await service.stop()
         if not nc.is_closed:
@@ -95,4 +106,4 @@ async def _serve(build: Callable[[], MeshService], config: MeshConfig, name: str
                 log.warning("NATS drain failed (%s); closing", type(exc).__name__)
                 await nc.close()
     log.info("%s stopped", name)
-    return 0
+    return code

@@ -132,6 +132,7 @@ class GpuWorkerService:
         self._gateways_seen: dict[str, float] = {}  # gateway id -> monotonic time of its last heartbeat
         self._accepting = False
         self._stopped = asyncio.Event()
+        self.crashed = asyncio.Event()  # the engine loop failed: the process exits 1 (shared/service_runtime.py)
         # Steps always run on one thread, off the event loop. Give the thread that built the engine: on CPU a step
         # runs ~25% slower on another thread than the one that loaded the weights (measured; see build_worker).
         self._step_thread = step_thread or ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
@@ -174,6 +175,11 @@ class GpuWorkerService:
             if self._nc is not None and self._nc.is_connected:
                 await publish(self._nc, request.reply_to, _worker_stopped())
         await asyncio.gather(*(task for _, task in waiting), return_exceptions=True)
+        if self._tasks[0].done():  # the engine loop failed: nothing else will answer these
+            for a in self._admissions:
+                if self._nc is not None and self._nc.is_connected:
+                    await publish(self._nc, a.request.reply_to, _worker_stopped())
+            self._admissions.clear()
         for request_id in list(self._running) + [a.request.request_id for a in self._admissions]:
             self._cancels.append(request_id)
         self._stopped.set()
@@ -324,6 +330,24 @@ class GpuWorkerService:
 
     # ---- the engine loop ----
     async def _engine_loop(self) -> None:
+        try:
+            await self._run_engine()
+        except Exception as exc:  # a bug or a device error in step(): the engine's state cannot be trusted
+            log.exception("the engine loop failed; this worker stops")
+            self._accepting = False
+            error = ErrorReply(500, f"the GPU worker's engine failed ({type(exc).__name__}: {exc}); retry",
+                               "api_error", "engine_failed")
+            lost = [r.request for r in self._running.values()] + [a.request for a in self._admissions]
+            self._running.clear()
+            self._admissions.clear()
+            try:
+                for request in lost:
+                    await publish(self._nc, request.reply_to, error)
+            except Exception as publish_exc:  # NATS gone too: the gateways notice the silence instead
+                log.warning("could not tell clients of the failure: %s", publish_exc)
+            self.crashed.set()
+
+    async def _run_engine(self) -> None:
         while True:
             for reply_to, error in self._apply_pending():
                 await publish(self._nc, reply_to, error)

@@ -225,6 +225,32 @@ async def test_a_worker_restarted_under_the_same_id_ends_the_streams_it_lost(mes
 
 
 @pytest.mark.slow
+async def test_an_engine_failure_ends_the_streams_and_marks_the_worker_crashed(mesh, monkeypatch):
+    """A step that raises (a bug, a device error) must not leave a worker that heartbeats 'ready' but serves
+    nothing: its requests get an error and it sets `crashed`, on which its process exits 1 to be restarted."""
+    c = client(mesh)
+    stream = await c.completions.create(model=mesh.engine.model_name, prompt="Count: 1, 2, 3,", max_tokens=400,
+                                        temperature=0, stream=True)
+    got_chunk = False
+    with pytest.raises(openai.APIError, match="engine failed"):
+        async for _ in stream:
+            if not got_chunk:
+                got_chunk = True
+
+                def failing_step():
+                    raise RuntimeError("device lost")
+
+                monkeypatch.setattr(mesh.engine, "step", failing_step)
+    assert got_chunk
+    await until(mesh.worker.crashed.is_set)
+    assert not mesh.worker._accepting and not mesh.worker._running
+    monkeypatch.undo()
+    for request_id in list(mesh.engine._seqs):  # the process would exit and free them; this engine lives on
+        mesh.engine.abort(request_id)
+    mesh.engine.step()
+
+
+@pytest.mark.slow
 async def test_deleted_adapter_is_refused_to_new_requests(mesh):
     await register_demo_adapters(mesh)
     c = client(mesh)
