@@ -133,6 +133,8 @@ def test_workload_is_deterministic_for_a_seed():
     c = _workload(adapters, duration=30.0, seed=serve.point_seed(1, 0.5), rate=0.5)
     assert a == b and a != c
     assert serve.point_seed(0, 0.5) != serve.point_seed(0, math.inf)
+    # repeated bursts: each its own requests; the first keeps the seed of a single burst
+    assert serve.point_seed(0, math.inf, 0) == serve.point_seed(0, math.inf) != serve.point_seed(0, math.inf, 1)
     # another adapter count: the same arrivals, lengths and prompts, other adapters (throughput versus adapter count
     # compares like with like)
     more = _workload(serve.make_adapter_specs(64, [8, 16, 32, 64], seed=0), duration=30.0,
@@ -259,7 +261,8 @@ def test_headline_ratios_and_targets_from_points():
     data = {"points": [
         point("ours", 8, 0.1, 1.0), point("ours", 8, 0.2, 0.95), point("ours", 8, 0.4, 0.92), point("ours", 8, None,
                                                                                                    0.0, 100.0),
-        point("ours", 512, 0.1, 1.0), point("ours", 512, None, 0.0, 95.0),
+        point("ours", 512, 0.1, 1.0), point("ours", 512, None, 0.0, 97.0), point("ours", 512, None, 0.0, 60.0),
+        point("ours", 512, None, 0.0, 95.0),
         point("peft_one_at_a_time", 8, 0.1, 0.5), point("peft_one_at_a_time", 8, None, 0.0, 12.0),
         point("peft_mixed_batch", 8, 0.1, 0.95), point("peft_mixed_batch", 8, 0.2, 0.3),
     ]}
@@ -274,6 +277,8 @@ def test_headline_ratios_and_targets_from_points():
     assert t["adapters"] == [8, 512] and math.isclose(t["ratio"], 0.95)
     assert h["targets"]["throughput_max_vs_min_adapters"]["met"]
     assert data["throughput_vs_adapters"]["peft_mixed_batch"] == {"8": 10.0}  # no burst: the sweep's largest
+    assert data["throughput_vs_adapters"]["ours"] == {"8": 100.0, "512": 95.0}  # repeated bursts: their median
+    assert data["throughput_vs_adapters_bursts"]["ours"] == {"8": [100.0], "512": [97.0, 60.0, 95.0]}
 
 
 def test_help_explains_the_flags():
@@ -350,7 +355,7 @@ def test_short_run_against_the_mesh_and_the_peft_server(tmp_path, default_model_
     out = tmp_path / "serve.json"
     work = tmp_path / "work"
     argv = [sys.executable, str(SCRIPT), "--systems", "ours,peft_one_at_a_time", "--adapters", "2",
-            "--rates", "2", "--requests", "3", "--burst-requests", "2",
+            "--rates", "2", "--requests", "3", "--burst-requests", "2", "--burst-repeats", "2",
             "--calibration-requests", "2", "--prompt-median", "24", "--prompt-min", "16", "--prompt-max", "32",
             "--output-median", "4", "--output-min", "3", "--output-max", "5", "--threads", "1",
             "--request-timeout", "60", "--out", str(out), "--work-dir", str(work), "--model", str(default_model_path)]
@@ -376,6 +381,7 @@ def test_short_run_against_the_mesh_and_the_peft_server(tmp_path, default_model_
     kinds = {(p["system"], p["kind"]) for p in data["points"]}
     assert kinds == {("ours", "rate"), ("ours", "burst"), ("peft_one_at_a_time", "rate"),
                      ("peft_one_at_a_time", "burst")}
+    assert sorted(p["repeat"] for p in data["points"] if p["system"] == "ours" and p["kind"] == "burst") == [0, 1]
     for p in data["points"]:
         assert p["errors"] == 0, p["error_kinds"]
         assert p["requests"] == (3 if p["kind"] == "rate" else 2) == p["completed"] == len(p["records"])
