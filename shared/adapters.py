@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -276,6 +277,22 @@ def _pattern_value(patterns: dict, key: str, default):
     return default
 
 
+def _float32(t: torch.Tensor, module: str) -> torch.Tensor:
+    """`t` as a contiguous float32 tensor, converted by numpy rather than by a torch op: a torch op of this size
+    runs OpenMP-parallel, and run on a thread other than the engine's it starts a second OpenMP thread team, which
+    made every later engine step 1.5-2x slower on a 2-core CPU. With no torch op, a worker can parse adapters on a
+    thread of their own while its engine steps (services/gpu_worker/service.py)."""
+    try:
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: its bits are the high half of a float32's
+            bits = np.ascontiguousarray(t.view(torch.int16).numpy()).view(np.uint16)
+            array = (bits.astype(np.uint32) << 16).view(np.float32)
+        else:
+            array = np.ascontiguousarray(t.numpy(), dtype=np.float32)
+    except TypeError:  # a dtype numpy cannot hold (float8, ...)
+        raise AdapterValidationError(f"{module} has weights of dtype {t.dtype}, which is not supported") from None
+    return torch.from_numpy(array)
+
+
 def _module_weights(module: str, pair: dict[str, torch.Tensor], config: dict, base: BaseModelShape,
                     max_rank: int) -> LoRAModuleWeights:
     m = _MODULE_NAME.fullmatch(module)
@@ -308,8 +325,8 @@ def _module_weights(module: str, pair: dict[str, torch.Tensor], config: dict, ba
         raise AdapterValidationError(f"{module} has rank {rank} in its weights, but the config says r={expected}")
     if rank > max_rank:
         raise AdapterValidationError(f"{module} has rank {rank}, above the maximum rank {max_rank}")
-    a, b = a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+    a, b = _float32(a, module), _float32(b, module)
+    if not (np.isfinite(a.numpy()).all() and np.isfinite(b.numpy()).all()):
         raise AdapterValidationError(f"{module} has non-finite weights (NaN or inf)")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return LoRAModuleWeights(layer=layer, module=short, lora_a=a, lora_b=b, scale=scale)

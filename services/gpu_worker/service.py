@@ -119,14 +119,15 @@ class GpuWorkerService:
         self._unloads: list[str] = []
         self._running: dict[str, _Running] = {}
         self._engine_s = 0.0  # seconds spent in engine steps so far (TokenChunk.engine_s)
-        self._fetching: dict[str, asyncio.Future] = {}  # adapter name -> its fetch, shared by concurrent requests
+        self._loading: dict[str, asyncio.Task] = {}  # adapter name -> its load (fetch, parse, hand to the loop)
         # at most this many adapters fetched at once: a burst over 50 cold adapters pulled ~400 MB through one
         # connection together, and some fetches timed out before any finished
         self._fetch_slots = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
         self._last_used: OrderedDict[str, None] = OrderedDict()  # adapters requested here, least recent first
         self._wanted: dict[str, int] = {}  # adapter -> requests between arrival and admission
-        # request id -> (request, task) of requests waiting for their adapter's load (see on_generate)
-        self._arrivals: dict[str, tuple[GenerateRequest, asyncio.Task]] = {}
+        # requests waiting for their adapter's load (see on_generate): adapter -> its requests; request id -> adapter
+        self._awaiting: dict[str, list[_Admission]] = {}
+        self._arrivals: dict[str, str] = {}
         self._fetched: dict[str, Path] = {}  # adapter -> its files in _adapter_dir
         self._loads: list[tuple[LoRAAdapter, asyncio.Future]] = []  # fetched, parsed adapters for the loop to register
         self._gateways_seen: dict[str, float] = {}  # gateway id -> monotonic time of its last heartbeat
@@ -169,12 +170,12 @@ class GpuWorkerService:
         while ((self._running or self._admissions or self._arrivals) and loop.time() < deadline
                and not self._tasks[0].done()):
             await asyncio.sleep(0.05)
-        waiting = list(self._arrivals.values())  # adapters still loading: fail their requests now
-        for request, task in waiting:
+        loads = list(self._loading.values())  # adapters still loading: stop them and fail their requests now
+        for task in loads:
             task.cancel()
-            if self._nc is not None and self._nc.is_connected:
-                await publish(self._nc, request.reply_to, _worker_stopped())
-        await asyncio.gather(*(task for _, task in waiting), return_exceptions=True)
+        await asyncio.gather(*loads, return_exceptions=True)
+        for adapter in list(self._awaiting):
+            await self._fail_awaiting(adapter, _worker_stopped())
         if self._tasks[0].done():  # the engine loop failed: nothing else will answer these
             for a in self._admissions:
                 if self._nc is not None and self._nc.is_connected:
@@ -213,32 +214,16 @@ class GpuWorkerService:
         if adapter in self.engine.adapter_names():
             self._admit(request, params, adapter)
             return
-        # A cold adapter: wait for its load in a task of its own. nats-py runs one subscription's callbacks one at
-        # a time, so awaiting the load here held every later request behind it (for a resident adapter too) and
-        # loaded cold adapters one after another, one per engine step (bench/serve.py: a burst of 32 requests for
-        # 32 cold adapters reached their first tokens ~0.6 s apart).
-        task = asyncio.create_task(self._admit_after_load(request, params, adapter))
-        self._arrivals[request.request_id] = (request, task)
-        task.add_done_callback(lambda _: self._arrivals.pop(request.request_id, None))
-
-    async def _admit_after_load(self, request: GenerateRequest, params: SamplingParams, adapter: str) -> None:
-        try:
-            await self._ensure_adapter(adapter)
-        except MeshError as exc:
-            self._unwant(adapter)
-            await publish(self._nc, request.reply_to, exc.reply)
-            return
-        except asyncio.CancelledError:  # cancelled by the client, or failed by stop()
-            self._unwant(adapter)
-            raise
-        except Exception as exc:  # NATS timeouts, a store gone: the request gets an error, never silence
-            log.warning("adapter %s could not be loaded: %s: %s", adapter, type(exc).__name__, exc)
-            self._unwant(adapter)
-            await publish(self._nc, request.reply_to, ErrorReply(
-                503, f"adapter {adapter!r} could not be loaded ({type(exc).__name__}); retry",
-                "service_unavailable", "adapter_load_failed"))
-            return
-        self._admit(request, params, adapter)
+        # A cold adapter: the request waits in _awaiting while a task loads the adapter (one load however many
+        # requests want it), and the engine loop admits it in the pass that registers the adapter. Awaiting the load
+        # here held every later request behind it (nats-py runs one subscription's callbacks one at a time), and a
+        # task per request that admitted itself after the load reached the engine one step boundary after the
+        # registration, 1-2 s into a burst of long prompts on a CPU.
+        self._arrivals[request.request_id] = adapter
+        self._awaiting.setdefault(adapter, []).append(_Admission(request, params, adapter))
+        if adapter not in self._loading:
+            self._loading[adapter] = asyncio.create_task(self._load(adapter))
+            self._loading[adapter].add_done_callback(lambda _: self._loading.pop(adapter, None))
 
     def _admit(self, request: GenerateRequest, params: SamplingParams, adapter: str | None) -> None:
         """Hand a request whose adapter (if any) is registered to the engine loop."""
@@ -254,9 +239,11 @@ class GpuWorkerService:
             del self._wanted[adapter]
 
     async def on_cancel(self, msg, cancel: CancelRequest) -> None:
-        arrival = self._arrivals.pop(cancel.request_id, None)
-        if arrival is not None:  # still waiting for its adapter: never reaches the engine (the load goes on)
-            arrival[1].cancel()
+        adapter = self._arrivals.pop(cancel.request_id, None)
+        if adapter is not None:  # still waiting for its adapter: never reaches the engine (the load goes on)
+            self._awaiting[adapter] = [a for a in self._awaiting.get(adapter, ())
+                                       if a.request.request_id != cancel.request_id]
+            self._unwant(adapter)
             return
         self._cancels.append(cancel.request_id)
         self._wake.set()
@@ -282,17 +269,30 @@ class GpuWorkerService:
             self._wake.set()
 
     # ---- adapters ----
-    async def _ensure_adapter(self, name: str) -> None:
-        """Fetch `name` from the store and load it (once, however many requests wait for it); MeshError if not."""
-        future = self._fetching.get(name)
-        if future is None:
-            future = self._fetching[name] = asyncio.ensure_future(self._fetch_and_load(name))
-            future.add_done_callback(lambda _: self._fetching.pop(name, None))
-        await asyncio.shield(future)
+    async def _load(self, name: str) -> None:
+        """Fetch and parse `name` and hand it to the engine loop, which registers it and admits the requests waiting
+        for it; if any of that fails, those requests get the error (never silence)."""
+        try:
+            await self._fetch_and_load(name)
+        except MeshError as exc:
+            await self._fail_awaiting(name, exc.reply)
+        except Exception as exc:  # NATS timeouts, a store gone
+            log.warning("adapter %s could not be loaded: %s: %s", name, type(exc).__name__, exc)
+            await self._fail_awaiting(name, ErrorReply(
+                503, f"adapter {name!r} could not be loaded ({type(exc).__name__}); retry",
+                "service_unavailable", "adapter_load_failed"))
+
+    async def _fail_awaiting(self, adapter: str, reply: ErrorReply) -> None:
+        """Answer every request waiting for `adapter`'s load with `reply`."""
+        for a in self._awaiting.pop(adapter, []):
+            self._arrivals.pop(a.request.request_id, None)
+            self._unwant(adapter)
+            if self._nc is not None and self._nc.is_connected:
+                await publish(self._nc, a.request.reply_to, reply)
 
     async def _fetch(self, name: str) -> Path:
-        """The adapter's metadata and files from the store, MAX_CONCURRENT_FETCHES at a time (parsing and
-        registration are not held by this limit: they wait for a step boundary, and many adapters share one)."""
+        """The adapter's metadata and files from the store, MAX_CONCURRENT_FETCHES at a time (parsing is not held
+        by this limit, nor is registration, which waits for a step boundary that many adapters share)."""
         async with self._fetch_slots:
             try:
                 info = await get_adapter(self._nc, name, timeout=self.config.request_timeout)
@@ -312,11 +312,10 @@ class GpuWorkerService:
         t0 = time.perf_counter()
         path = await self._fetch(name)
         t_fetched = time.perf_counter()
-        try:  # parsed on the step thread, between two steps. Not on another thread: once a second thread has run
-            # a parallel torch op, libgomp keeps two thread teams on the cores and every later step ran 1.5-2x
-            # slower on a 2-core CPU (bench/serve.py's ours broke its SLO at half the load the engine holds)
-            adapter = await asyncio.get_running_loop().run_in_executor(
-                self._step_thread, self.engine.read_adapter, name, path)
+        try:  # parsed on a thread of its own while the engine steps: parsing runs no torch op (shared/adapters.py
+            # converts with numpy), so it starts no second OpenMP thread team. On the step thread it waited for the
+            # step in progress, ~1-2 s into a burst of long prompts on a CPU, for every cold adapter
+            adapter = await asyncio.to_thread(self.engine.read_adapter, name, path)
         except ValueError as exc:  # EngineRequestError or AdapterValidationError
             raise _adapter_unavailable(exc) from None
         t_parsed = time.perf_counter()
@@ -338,8 +337,11 @@ class GpuWorkerService:
             error = ErrorReply(500, f"the GPU worker's engine failed ({type(exc).__name__}: {exc}); retry",
                                "api_error", "engine_failed")
             lost = [r.request for r in self._running.values()] + [a.request for a in self._admissions]
+            lost += [a.request for waiting in self._awaiting.values() for a in waiting]
             self._running.clear()
             self._admissions.clear()
+            self._awaiting.clear()
+            self._arrivals.clear()
             try:
                 for request in lost:
                     await publish(self._nc, request.reply_to, error)
@@ -374,12 +376,18 @@ class GpuWorkerService:
         errors: list[tuple[str, ErrorReply]] = []
         loads, self._loads = self._loads, []
         for adapter, future in loads:
+            if future.done():  # its load was cancelled (stop)
+                continue
             try:
                 if adapter.name not in self.engine.adapter_names():
                     self.engine.register_adapter(adapter)
-                future.set_result(None)
             except ValueError as exc:  # EngineRequestError (409: in use, being removed) or AdapterValidationError
                 future.set_exception(_adapter_unavailable(exc))
+                continue
+            future.set_result(None)
+            for a in self._awaiting.pop(adapter.name, []):  # admitted in this same pass, below
+                self._arrivals.pop(a.request.request_id, None)
+                self._admit(a.request, a.params, a.adapter)
         unloads, self._unloads = self._unloads, []
         for name in unloads:
             self._last_used.pop(name, None)

@@ -70,9 +70,9 @@ async def test_concurrent_requests_over_adapters_equal_offline_outputs(mesh, ref
     assert set(models) <= models_listed
 
 
-async def test_fetched_adapters_are_parsed_on_the_step_thread(mesh, monkeypatch):
-    """Torch work off the engine's thread leaves a second OpenMP thread team on the cores, and every later step ran
-    1.5-2x slower on a 2-core CPU: the worker parses what it fetches on its step thread."""
+async def test_fetched_adapters_are_parsed_off_the_step_thread(mesh, monkeypatch):
+    """On the step thread a parse waited for the step in progress (1-2 s into a burst on a CPU); parsing runs no torch
+    op (tests/shared/test_adapters.py checks it starts no OpenMP team), so it runs on a thread of its own."""
     threads = []
     read = mesh.engine.read_adapter
 
@@ -84,7 +84,7 @@ async def test_fetched_adapters_are_parsed_on_the_step_thread(mesh, monkeypatch)
     await register_from_dir(mesh.connections[0], "thread-check", demo_adapter_path(next(iter(DEMO_ADAPTERS))),
                             timeout=30)
     assert await ask(client(mesh), "completion", "thread-check", stream=False)
-    assert len(threads) == 1 and threads[0].startswith("engine-step"), threads
+    assert len(threads) == 1 and not threads[0].startswith("engine-step"), threads
 
 
 def hold_fetches(monkeypatch) -> asyncio.Event:
@@ -122,6 +122,42 @@ async def test_a_cold_adapter_load_holds_up_no_other_request(mesh, monkeypatch):
     release.set()
     assert await asyncio.wait_for(cold, 30)
     assert mesh.worker._arrivals == {} and mesh.worker._wanted == {}
+
+
+async def test_a_cold_request_is_admitted_in_the_pass_that_registers_its_adapter(mesh, monkeypatch):
+    """Admitted one step later, a burst's cold requests each waited a whole step more (1-2 s on a CPU busy with long
+    prompts) before they could run."""
+    steps, events = [0], []
+    step, register, add = mesh.engine.step, mesh.engine.register_adapter, mesh.engine.add_request
+
+    def counting_step():
+        steps[0] += 1
+        return step()
+
+    def registering(adapter):
+        events.append(("register", steps[0]))
+        return register(adapter)
+
+    def adding(request_id, prompt, params, adapter=None):
+        if adapter is not None:
+            events.append(("add", steps[0]))
+        return add(request_id, prompt, params, adapter=adapter)
+
+    monkeypatch.setattr(mesh.engine, "step", counting_step)
+    monkeypatch.setattr(mesh.engine, "register_adapter", registering)
+    monkeypatch.setattr(mesh.engine, "add_request", adding)
+    await register_from_dir(mesh.connections[0], "same-pass", demo_adapter_path(next(iter(DEMO_ADAPTERS))),
+                            timeout=30)
+    c = client(mesh)
+    busy = asyncio.create_task(c.completions.create(model=mesh.engine.model_name, prompt=PROMPT, max_tokens=200,
+                                                    temperature=0))  # keeps the engine stepping meanwhile
+    await until(lambda: steps[0] > 2)
+    assert await ask(c, "completion", "same-pass", stream=False)
+    (_, registered_at), (_, added_at) = events
+    assert [e for e, _ in events] == ["register", "add"] and added_at == registered_at
+    assert not busy.done()
+    busy.cancel()
+    await asyncio.gather(busy, return_exceptions=True)
 
 
 async def test_an_adapter_load_that_fails_answers_its_requests_with_an_error(mesh, monkeypatch):

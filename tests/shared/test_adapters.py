@@ -307,3 +307,51 @@ def test_exclude_modules(tmp_path, base):
     assert_matches_peft(adapter, model)
     edit_config(tmp_path, exclude_modules=["v_proj"])
     refused(tmp_path, base, r"^weights for model\.layers\.0\.self_attn\.v_proj do not belong")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_parsing_on_another_thread_starts_no_openmp_team(tmp_path, dtype):
+    """The worker parses adapters on a thread of its own while its engine steps: a torch op there would leave a
+    second OpenMP thread team on the cores (and every later step ran 1.5-2x slower on a 2-core CPU)."""
+    import threading
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one torch thread: OpenMP starts no team to detect")
+    hidden, rank = 1024, 64  # 64 x 1024 elements: above the size at which torch ops run in parallel
+    shape = BaseModelShape.from_hf_config(LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden,
+                                                      num_hidden_layers=1, num_attention_heads=8,
+                                                      num_key_value_heads=8, vocab_size=128))
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"{PREFIX}model.layers.0.self_attn.q_proj.lora_{ab}.weight": torch.randn(dims, generator=gen).to(dtype)
+               for ab, dims in (("A", (rank, hidden)), ("B", (hidden, rank)))}
+    save_file(tensors, tmp_path / ST)
+    (tmp_path / CFG).write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 16,
+                                            "target_modules": ["q_proj"]}))
+    (torch.randn(512, 512) @ torch.randn(512, 512)).sum()  # this thread's team exists before counting
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    # counted while the parsing thread lives (an OpenMP team lasts as long as the thread that started it, and the
+    # worker parses on pooled threads that live on)
+    go, parsed_event, leave, parsed = threading.Event(), threading.Event(), threading.Event(), []
+
+    def parse() -> None:
+        go.wait()
+        parsed.append(load_adapter(tmp_path, shape))
+        parsed_event.set()
+        leave.wait()
+
+    worker = threading.Thread(target=parse)
+    worker.start()
+    before = threads()
+    go.set()
+    assert parsed_event.wait(30)
+    after = threads()
+    leave.set()
+    worker.join()
+    assert after == before
+    (w,) = parsed[0].modules
+    assert w.lora_a.dtype == w.lora_b.dtype == torch.float32
+    assert torch.equal(w.lora_a, tensors[f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight"].float())
+    assert torch.equal(w.lora_b, tensors[f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.weight"].float())

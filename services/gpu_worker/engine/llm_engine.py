@@ -179,9 +179,9 @@ class LLMEngine:
         return self.register_adapter(self.read_adapter(name, path))
 
     def read_adapter(self, name: str, path) -> LoRAAdapter:
-        """An adapter's files read and validated for this base model, not registered. It touches no engine state,
-        so a server can parse while it admits requests and register between steps (the worker parses on its step
-        thread: see gpu_worker/service.py)."""
+        """An adapter's files read and validated for this base model, not registered. It touches no engine state
+        and runs no torch op, so a server can parse on another thread while the engine steps and register between
+        steps (see gpu_worker/service.py)."""
         if not ADAPTER_NAME_PATTERN.match(name or ""):
             raise EngineRequestError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
         if name == self.model_name:
