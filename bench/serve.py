@@ -89,6 +89,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -235,7 +236,9 @@ def point_seed(seed: int, rate: float, repeat: int = 0) -> int:
     r = "burst" if math.isinf(rate) else f"{rate:.6g}"
     if repeat:
         r += f"#{repeat}"
-    return int.from_bytes(f"{seed}|{r}".encode(), "little") % (2**63)
+    # a digest of the whole key: the key's bytes as an integer modulo 2**63 kept only its first 8 bytes, so bursts
+    # 1 and 2 ("0|burst#1", "0|burst#2") got the same requests
+    return int.from_bytes(hashlib.sha256(f"{seed}|{r}".encode()).digest()[:8], "little") >> 1
 
 
 def build_workload(adapters: list[AdapterSpec], *, rate: float, seed: int, prompt: LengthDist, output: LengthDist,

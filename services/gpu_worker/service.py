@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -56,6 +57,12 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 10.0  # on stop, in-flight requests get this long to finish before they are failed
 MAX_CONCURRENT_FETCHES = 4  # adapters a worker fetches from the store at once (the rest queue)
 MAX_FINISHED_REPORTED = 256  # finished requests' output lengths per heartbeat (the schedulers' averages)
+# The step thread gives up the GIL at every torch op and must win it back for the model's Python between ops; while
+# the event loop is busy (fetching and verifying cold adapters during a burst) each win waited up to Python's
+# default 5 ms switch interval. A step of 32 requests took 190 ms next to an idle thread, 11.7 s next to a busy
+# Python thread at 5 ms, 0.66 s at 0.5 ms (in-process measurement on the 2-core CPU); a 512-adapter burst through
+# the mesh went from 39.6 to 42.0 tokens/s (one burst each, the same requests).
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def _adapter_unavailable(exc: ValueError) -> MeshError:
@@ -517,6 +524,7 @@ def serve_command(args) -> int:
     config = mesh_config(args)
     args.served_model_name, args.data_dir = config.served_model_name, config.data_dir
     worker_id = config.worker_id or default_worker_id()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     engines = []
 

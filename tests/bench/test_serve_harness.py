@@ -135,6 +135,8 @@ def test_workload_is_deterministic_for_a_seed():
     assert serve.point_seed(0, 0.5) != serve.point_seed(0, math.inf)
     # repeated bursts: each its own requests; the first keeps the seed of a single burst
     assert serve.point_seed(0, math.inf, 0) == serve.point_seed(0, math.inf) != serve.point_seed(0, math.inf, 1)
+    seeds = {serve.point_seed(s, r, k) for s in (0, 12345) for r in (0.1, 0.15, math.inf) for k in range(3)}
+    assert len(seeds) == 18 and all(0 <= s < 2**63 for s in seeds)
     # another adapter count: the same arrivals, lengths and prompts, other adapters (throughput versus adapter count
     # compares like with like)
     more = _workload(serve.make_adapter_specs(64, [8, 16, 32, 64], seed=0), duration=30.0,
