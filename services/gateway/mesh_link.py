@@ -42,7 +42,8 @@ def worker_lost_error(reason: str) -> ErrorReply:
 
 def request_lost_error(worker_id: str, silent_s: float) -> ErrorReply:
     return ErrorReply(503, f"GPU worker {worker_id} has not listed this request in its heartbeats for "
-                           f"{silent_s:.1f}s (it restarted or dropped it); retry", "service_unavailable", "request_lost")
+                           f"{silent_s:.1f}s (it restarted or dropped it); retry",
+                      "service_unavailable", "request_lost")
 
 
 @dataclass

@@ -212,18 +212,25 @@ async def test_client_disconnect_frees_kv_blocks_and_adapter(mesh):
     assert engine.adapters.in_use == {} and engine.adapters.pinned == {}
 
 
+async def stream_until_error(mesh, on_first_chunk, match: str) -> None:
+    """Start a long streamed completion, run `on_first_chunk()` when its first chunk arrives, and expect the stream to
+    end with an error event matching `match` (within ten worker timeouts, not never)."""
+    stream = await client(mesh).completions.create(model=mesh.engine.model_name, prompt="Count: 1, 2, 3,",
+                                                   max_tokens=400, temperature=0, stream=True)
+    got_chunk = False
+    with pytest.raises(openai.APIError, match=match):
+        async with asyncio.timeout(10 * mesh.config.worker_timeout):
+            async for _ in stream:
+                if not got_chunk:
+                    got_chunk = True
+                    await on_first_chunk()
+    assert got_chunk
+
+
 @pytest.mark.slow
 async def test_worker_crash_mid_stream_then_a_new_worker_serves(mesh):
     c = client(mesh)
-    stream = await c.completions.create(model=mesh.engine.model_name, prompt="Count: 1, 2, 3,", max_tokens=400,
-                                        temperature=0, stream=True)
-    got_chunk = False
-    with pytest.raises(openai.APIError, match="lost"):
-        async for _ in stream:
-            if not got_chunk:
-                got_chunk = True
-                await mesh.crash_worker()
-    assert got_chunk
+    await stream_until_error(mesh, mesh.crash_worker, match="lost")
     async with aiohttp.ClientSession() as http:  # no worker: not ready, and requests get 503
         for _ in range(100):
             async with http.get(f"{mesh.base_url}/readyz") as resp:
@@ -244,19 +251,14 @@ async def test_worker_crash_mid_stream_then_a_new_worker_serves(mesh):
 async def test_a_worker_restarted_under_the_same_id_ends_the_streams_it_lost(mesh):
     """Its heartbeats resume before the gateway misses them, but no longer list the old request: the client gets an
     error event instead of waiting forever."""
-    c = client(mesh)
-    stream = await c.completions.create(model=mesh.engine.model_name, prompt="Count: 1, 2, 3,", max_tokens=400,
-                                        temperature=0, stream=True)
-    got_chunk = False
-    with pytest.raises(openai.APIError, match="has not listed this request"):
-        async with asyncio.timeout(10 * mesh.config.worker_timeout):
-            async for _ in stream:
-                if not got_chunk:
-                    got_chunk = True
-                    await mesh.crash_worker()
-                    await mesh.start_worker("w1")  # back within worker_timeout: never seen as lost
-    assert got_chunk
-    answer = await c.completions.create(model=mesh.engine.model_name, prompt=PROMPT, max_tokens=4, temperature=0)
+
+    async def restart_under_the_same_id() -> None:
+        await mesh.crash_worker()
+        await mesh.start_worker("w1")  # back within worker_timeout: never seen as lost
+
+    await stream_until_error(mesh, restart_under_the_same_id, match="has not listed this request")
+    answer = await client(mesh).completions.create(model=mesh.engine.model_name, prompt=PROMPT, max_tokens=4,
+                                                   temperature=0)
     assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 4
 
 
@@ -264,20 +266,14 @@ async def test_a_worker_restarted_under_the_same_id_ends_the_streams_it_lost(mes
 async def test_an_engine_failure_ends_the_streams_and_marks_the_worker_crashed(mesh, monkeypatch):
     """A step that raises (a bug, a device error) must not leave a worker that heartbeats 'ready' but serves
     nothing: its requests get an error and it sets `crashed`, on which its process exits 1 to be restarted."""
-    c = client(mesh)
-    stream = await c.completions.create(model=mesh.engine.model_name, prompt="Count: 1, 2, 3,", max_tokens=400,
-                                        temperature=0, stream=True)
-    got_chunk = False
-    with pytest.raises(openai.APIError, match="engine failed"):
-        async for _ in stream:
-            if not got_chunk:
-                got_chunk = True
 
-                def failing_step():
-                    raise RuntimeError("device lost")
+    def failing_step():
+        raise RuntimeError("device lost")
 
-                monkeypatch.setattr(mesh.engine, "step", failing_step)
-    assert got_chunk
+    async def break_the_engine() -> None:
+        monkeypatch.setattr(mesh.engine, "step", failing_step)
+
+    await stream_until_error(mesh, break_the_engine, match="engine failed")
     await until(mesh.worker.crashed.is_set)
     assert not mesh.worker._accepting and not mesh.worker._running
     monkeypatch.undo()
