@@ -478,11 +478,13 @@ class GpuWorkerService:
 
         ranks = [rank(s.adapter) for s in engine.scheduler.running]
         queued = [(s.prompt_len - s.num_computed, rank(s.adapter)) for s in engine.scheduler.waiting]
-        queued += [(a.request.prompt_tokens_hint(), rank(a.adapter)) for a in self._admissions]
+        # admitted next pass, or waiting for their adapter's load (rank 0 until it is registered: not known before)
+        pending = self._admissions + [a for waiting in self._awaiting.values() for a in waiting]
+        queued += [(a.request.prompt_tokens_hint(), rank(a.adapter)) for a in pending]
         return WorkerHeartbeat(
             worker_id=self.worker_id, model=engine.model_name, base_fingerprint=self.base_fingerprint,
             max_model_len=engine.max_model_len, max_lora_rank=engine.config.max_lora_rank,
-            running=len(engine.scheduler.running), queued=len(engine.scheduler.waiting) + len(self._admissions),
+            running=len(engine.scheduler.running), queued=len(engine.scheduler.waiting) + len(pending),
             running_ranks=ranks, resident_adapters=engine.adapter_names(),
             free_kv_blocks=engine.blocks.num_free, total_kv_blocks=engine.blocks.num_blocks,
             interval_s=self.config.heartbeat_interval, ready=self._accepting,

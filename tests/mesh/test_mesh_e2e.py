@@ -117,6 +117,7 @@ async def test_a_cold_adapter_load_holds_up_no_other_request(mesh, monkeypatch):
     c = client(mesh)
     cold = asyncio.create_task(ask(c, "completion", "held-back", stream=False))
     await until(lambda: mesh.worker._arrivals)
+    assert mesh.worker._heartbeat().queued == 1  # the schedulers count it in the worker's load
     assert await asyncio.wait_for(ask(c, "completion", mesh.engine.model_name, stream=False), 30)
     assert not cold.done()  # still waiting for its adapter while the base-model request went through
     release.set()
