@@ -78,6 +78,13 @@ async def sync_with_server(nc: NATS) -> None:
     await nc.flush()
 
 
+async def flush_writes(nc: NATS) -> None:
+    """Write what `nc` has buffered to its socket now, and return once written (no server round trip, unlike
+    `nc.flush()`). nats-py's publish only buffers; its flusher task writes on a later turn of the event loop."""
+    if nc.is_connected:
+        await nc._flush_pending(force_flush=True)  # noqa: SLF001 - the public flush() also waits for a PONG
+
+
 async def publish(nc: NATS, subject: str, message: Any, reply: str = "") -> None:
     await nc.publish(subject, encode(message), reply=reply, headers=telemetry.inject())
 
