@@ -184,9 +184,7 @@ class GpuWorkerService:
         for adapter in list(self._awaiting):
             await self._fail_awaiting(adapter, _worker_stopped())
         if self._tasks[0].done():  # the engine loop failed: nothing else will answer these
-            for a in self._admissions:
-                if self._nc is not None and self._nc.is_connected:
-                    await publish(self._nc, a.request.reply_to, _worker_stopped())
+            await self._answer_all([a.request for a in self._admissions], _worker_stopped())
             self._admissions.clear()
         for request_id in list(self._running) + [a.request.request_id for a in self._admissions]:
             self._cancels.append(request_id)
@@ -291,11 +289,23 @@ class GpuWorkerService:
 
     async def _fail_awaiting(self, adapter: str, reply: ErrorReply) -> None:
         """Answer every request waiting for `adapter`'s load with `reply`."""
-        for a in self._awaiting.pop(adapter, []):
+        waiting = self._awaiting.pop(adapter, [])
+        for a in waiting:
             self._arrivals.pop(a.request.request_id, None)
             self._unwant(adapter)
-            if self._nc is not None and self._nc.is_connected:
-                await publish(self._nc, a.request.reply_to, reply)
+        await self._answer_all([a.request for a in waiting], reply)
+
+    async def _answer_all(self, requests: list[GenerateRequest], reply: ErrorReply) -> None:
+        """Send `reply` to each request's client while the NATS connection lasts (once it is gone, the gateways
+        notice the silence instead)."""
+        for request in requests:
+            if self._nc is None or not self._nc.is_connected:
+                return
+            try:
+                await publish(self._nc, request.reply_to, reply)
+            except Exception as exc:  # the connection went away meanwhile
+                log.warning("could not answer request %s: %s", request.request_id, exc)
+                return
 
     async def _fetch(self, name: str) -> Path:
         """The adapter's metadata and files from the store, MAX_CONCURRENT_FETCHES at a time (parsing is not held
@@ -349,11 +359,7 @@ class GpuWorkerService:
             self._admissions.clear()
             self._awaiting.clear()
             self._arrivals.clear()
-            try:
-                for request in lost:
-                    await publish(self._nc, request.reply_to, error)
-            except Exception as publish_exc:  # NATS gone too: the gateways notice the silence instead
-                log.warning("could not tell clients of the failure: %s", publish_exc)
+            await self._answer_all(lost, error)
             self.crashed.set()
 
     async def _run_engine(self) -> None:
