@@ -4,10 +4,12 @@ Handlers: worker_subject(id, "generate") (requests the scheduler placed here), w
 (the gateway's client went away) and SUBJECT_ADAPTER_EVENTS (a deleted adapter is unloaded: running requests
 finish, new ones are refused). Tokens go straight to each request's `reply_to` inbox as TokenChunks.
 
-The engine is synchronous and not thread-safe, so one coroutine (`_engine_loop`) owns it: between steps it
-applies queued admissions, cancellations and adapter loads/unloads, then runs one `engine.step()` in a thread so
-the event loop keeps moving messages while the model computes. Adapters come from the adapter store on first
-use (metadata by request, files from the object store, sha256 checked) and are validated by the engine's loader.
+The engine is synchronous and not thread-safe, so one coroutine (`_engine_loop`) owns it, and every engine call
+runs on one step thread: each pass takes what queued on the event loop since the last one (admissions,
+cancellations, adapter registrations and unloads), carries it out on the step thread followed by one
+`engine.step()`, and settles the results on the loop, which keeps moving messages while the model computes.
+Adapters come from the adapter store on first use (metadata by request, files from the object store, sha256
+checked) and are validated by the engine's loader.
 A heartbeat with the worker's load goes out every `heartbeat_interval` seconds. Requests of a gateway whose own
 heartbeats stopped for `worker_timeout` are aborted: a crashed gateway cannot send their CancelRequests.
 """
@@ -90,6 +92,30 @@ class _Admission:
 
 
 @dataclass
+class _EnginePass:
+    """One trip to the step thread: planned on the event loop from what queued since the last trip, carried out on
+    the step thread (engine calls, then one step), settled on the loop. Every engine call runs on the step thread:
+    the engine is not thread-safe, and its torch work (registering an adapter copies it into the pools, cpu-assist
+    shares it) on another thread starts a second OpenMP team that spins on the cores the step needs."""
+
+    loads: list[tuple[LoRAAdapter, asyncio.Future]]  # fetched, parsed adapters to register (their futures: _load's)
+    unloads: list[str]  # deleted from the store
+    evictions: list[str]  # least recently used beyond max_cpu_loras
+    cancels: set[str]
+    admissions: list[_Admission]  # including those waiting for an adapter in `loads`
+    stopped: bool
+    # written on the step thread
+    load_errors: dict[str, ErrorReply] = field(default_factory=dict)  # adapter -> why it was not registered
+    errors: list[tuple[GenerateRequest, ErrorReply]] = field(default_factory=list)  # admissions refused
+    added: list[_Admission] = field(default_factory=list)
+    engine_s_at_admission: float = 0.0
+    outputs: list[RequestOutput] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (self.loads or self.unloads or self.evictions or self.cancels or self.admissions)
+
+
+@dataclass
 class _Running:
     request: GenerateRequest
     params: SamplingParams
@@ -137,6 +163,10 @@ class GpuWorkerService:
         self._arrivals: dict[str, str] = {}
         self._fetched: dict[str, Path] = {}  # adapter -> its files in _adapter_dir
         self._loads: list[tuple[LoRAAdapter, asyncio.Future]] = []  # fetched, parsed adapters for the loop to register
+        # the adapters the engine holds, as the loop sees them: added when a pass registered one, dropped when a pass
+        # is planned to unload one (the engine itself is only touched on the step thread)
+        self._registered: set[str] = set(engine.adapters.registered)
+        self._pass: _EnginePass | None = None  # the pass on the step thread now
         self._gateways_seen: dict[str, float] = {}  # gateway id -> monotonic time of its last heartbeat
         self._accepting = False
         self._stopped = asyncio.Event()
@@ -174,7 +204,7 @@ class GpuWorkerService:
             await sub.unsubscribe()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DRAIN_TIMEOUT_S
-        while ((self._running or self._admissions or self._arrivals) and loop.time() < deadline
+        while ((self._running or self._admissions or self._arrivals or self._pass) and loop.time() < deadline
                and not self._tasks[0].done()):
             await asyncio.sleep(0.05)
         loads = list(self._loading.values())  # adapters still loading: stop them and fail their requests now
@@ -186,8 +216,8 @@ class GpuWorkerService:
         if self._tasks[0].done():  # the engine loop failed: nothing else will answer these
             await self._answer_all([a.request for a in self._admissions], _worker_stopped())
             self._admissions.clear()
-        for request_id in list(self._running) + [a.request.request_id for a in self._admissions]:
-            self._cancels.append(request_id)
+        in_pass = self._pass.admissions if self._pass else []  # added by the pass in flight
+        self._cancels += [*self._running, *(a.request.request_id for a in [*in_pass, *self._admissions])]
         self._stopped.set()
         self._wake.set()
         for task in self._tasks:
@@ -216,7 +246,7 @@ class GpuWorkerService:
             self._admit(request, params, None)
             return
         self._wanted[adapter] = self._wanted.get(adapter, 0) + 1  # not evicted until admitted (or refused)
-        if adapter in self.engine.adapter_names():
+        if adapter in self._registered:
             self._admit(request, params, adapter)
             return
         # A cold adapter: the request waits in _awaiting while a task loads the adapter (one load however many
@@ -232,11 +262,14 @@ class GpuWorkerService:
 
     def _admit(self, request: GenerateRequest, params: SamplingParams, adapter: str | None) -> None:
         """Hand a request whose adapter (if any) is registered to the engine loop."""
+        self._mark_used(adapter)
+        self._admissions.append(_Admission(request, params, adapter))
+        self._wake.set()
+
+    def _mark_used(self, adapter: str | None) -> None:
         if adapter is not None:
             self._last_used[adapter] = None
             self._last_used.move_to_end(adapter)
-        self._admissions.append(_Admission(request, params, adapter))
-        self._wake.set()
 
     def _unwant(self, adapter: str) -> None:
         self._wanted[adapter] -= 1
@@ -296,9 +329,13 @@ class GpuWorkerService:
         await self._answer_all([a.request for a in waiting], reply)
 
     async def _answer_all(self, requests: list[GenerateRequest], reply: ErrorReply) -> None:
-        """Send `reply` to each request's client while the NATS connection lasts (once it is gone, the gateways
+        """Send `reply` to each request's client."""
+        await self._answer([(request, reply) for request in requests])
+
+    async def _answer(self, answers: list[tuple[GenerateRequest, ErrorReply]]) -> None:
+        """Send each request's client its error while the NATS connection lasts (once it is gone, the gateways
         notice the silence instead)."""
-        for request in requests:
+        for request, reply in answers:
             if self._nc is None or not self._nc.is_connected:
                 return
             try:
@@ -353,99 +390,129 @@ class GpuWorkerService:
             self._accepting = False
             error = ErrorReply(500, f"the GPU worker's engine failed ({type(exc).__name__}: {exc}); retry",
                                "api_error", "engine_failed")
-            lost = [r.request for r in self._running.values()] + [a.request for a in self._admissions]
-            lost += [a.request for waiting in self._awaiting.values() for a in waiting]
+            lost = {r.request.request_id: r.request for r in self._running.values()}
+            in_pass = self._pass.admissions if self._pass else []
+            for a in [*in_pass, *self._admissions, *(a for waiting in self._awaiting.values() for a in waiting)]:
+                lost.setdefault(a.request.request_id, a.request)
             self._running.clear()
             self._admissions.clear()
             self._awaiting.clear()
             self._arrivals.clear()
-            await self._answer_all(lost, error)
+            await self._answer_all(list(lost.values()), error)
             self.crashed.set()
 
     async def _run_engine(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            for reply_to, error in self._apply_pending():
-                await publish(self._nc, reply_to, error)
-            if self._stopped.is_set() and not self.engine.has_unfinished():
+            plan = self._plan_pass()
+            if self._stopped.is_set() and plan.is_empty() and not self.engine.has_unfinished():
                 return
-            if self.engine.has_unfinished():
-                outputs = await asyncio.get_running_loop().run_in_executor(self._step_thread, self._timed_step)
-                await self._publish_outputs(outputs)
-                if outputs:  # on the socket before the next step takes the cores: on the 2-core CPU the mesh's
-                    await flush_writes(self._nc)  # TTFT beyond engine time fell from 6.75-7.4 to 5.3-5.7 ms
-            else:
+            if plan.is_empty() and not self.engine.has_unfinished():
                 self._wake.clear()
                 await self._wake.wait()
+                continue
+            self._pass = plan  # kept if the pass raises: _engine_loop answers its requests
+            await loop.run_in_executor(self._step_thread, self._execute_pass, plan)
+            self._pass = None
+            await self._settle_pass(plan)
             self._snapshot = self._heartbeat()
 
-    def _timed_step(self) -> list[RequestOutput]:
-        """engine.step(), adding its duration to _engine_s (written here only, read on the loop between steps)."""
-        t0 = time.perf_counter()
-        outputs = self.engine.step()
-        self._engine_s += time.perf_counter() - t0
-        return outputs
-
-    def _apply_pending(self) -> list[tuple[str, ErrorReply]]:
-        """Everything that touches the engine besides step(), done between steps (the engine is not thread-safe).
-        Returns the errors to send: (reply_to, ErrorReply) for requests that could not be admitted."""
-        errors: list[tuple[str, ErrorReply]] = []
-        loads, self._loads = self._loads, []
-        for adapter, future in loads:
-            if future.done():  # its load was cancelled (stop)
-                continue
-            try:
-                if adapter.name not in self.engine.adapter_names():
-                    self.engine.register_adapter(adapter)
-            except ValueError as exc:  # EngineRequestError (409: in use, being removed) or AdapterValidationError
-                future.set_exception(_adapter_unavailable(exc))
-                continue
-            future.set_result(None)
-            for a in self._awaiting.pop(adapter.name, []):  # admitted in this same pass, below
-                self._arrivals.pop(a.request.request_id, None)
-                self._admit(a.request, a.params, a.adapter)
+    def _plan_pass(self) -> _EnginePass:
+        """On the loop: take what queued since the last pass (fetched adapters and the requests waiting for them,
+        deletions, cancels, admissions) and choose the adapters to evict, for the step thread to carry out."""
+        loads, self._loads = [(adapter, f) for adapter, f in self._loads if not f.done()], []  # done: cancelled
+        ready = [a for adapter, _ in loads for a in self._awaiting.pop(adapter.name, [])]  # admitted in this pass
+        for a in ready:
+            self._arrivals.pop(a.request.request_id, None)
+            self._mark_used(a.adapter)
         unloads, self._unloads = self._unloads, []
         for name in unloads:
             self._last_used.pop(name, None)
-            if name in self.engine.adapter_names():
-                self.engine.unload_adapter(name)
-                log.info("adapter %s unloaded (deleted from the store)", name)
+        admissions, self._admissions = self._admissions + ready, []
         cancels, self._cancels = set(self._cancels), []
-        admissions, self._admissions = self._admissions, []
-        for request_id in cancels:
-            self.engine.abort(request_id)  # frees its KV blocks and adapter reference; final output next step
-        for a in admissions:
-            if a.adapter is not None:
-                self._unwant(a.adapter)  # pinned by the engine from here on, if admitted
-            if a.request.request_id in cancels:
-                if self._stopped.is_set():
-                    errors.append((a.request.reply_to, _worker_stopped()))
-                continue
-            req = a.request
-            try:
-                prompt = self.engine.encode_chat(req.messages) if req.kind == "chat" else req.prompt
-                self.engine.add_request(req.request_id, prompt, a.params, adapter=a.adapter)
-            except EngineRequestError as exc:
-                errors.append((req.reply_to, ErrorReply(exc.status, str(exc), code=exc.code)))
-                continue
-            self._running[req.request_id] = _Running(req, a.params, self._engine_s)
-        self._evict_idle_adapters()
-        return errors
+        plan = _EnginePass(loads, unloads, self._idle_adapters_to_evict(), cancels, admissions,
+                           self._stopped.is_set())
+        self._registered.difference_update(plan.unloads + plan.evictions)  # refused from now on
+        return plan
 
-    def _evict_idle_adapters(self) -> None:
-        """Keep at most max_cpu_loras fetched adapters in host memory: unload the least recently used ones that no
-        request holds or waits for (a later request fetches them again; their files go too)."""
+    def _execute_pass(self, plan: _EnginePass) -> None:
+        """On the step thread: every engine call of the pass, then one step if anything is unfinished. Results go
+        into `plan` for _settle_pass. The loop touches no engine state meanwhile."""
+        engine = self.engine
+        for adapter, _ in plan.loads:
+            try:
+                if adapter.name not in engine.adapters.registered:
+                    engine.register_adapter(adapter)
+            except ValueError as exc:  # EngineRequestError (409: in use, being removed) or AdapterValidationError
+                plan.load_errors[adapter.name] = _adapter_unavailable(exc).reply
+        for name in plan.unloads + plan.evictions:
+            if name in engine.adapters.registered:
+                engine.unload_adapter(name)
+        for request_id in plan.cancels:
+            engine.abort(request_id)  # frees its KV blocks and adapter reference; final output next step
+        plan.engine_s_at_admission = self._engine_s
+        for a in plan.admissions:
+            req = a.request
+            if req.request_id in plan.cancels:
+                if plan.stopped:
+                    plan.errors.append((req, _worker_stopped()))
+                continue
+            if a.adapter in plan.load_errors:
+                plan.errors.append((req, plan.load_errors[a.adapter]))
+                continue
+            try:
+                prompt = engine.encode_chat(req.messages) if req.kind == "chat" else req.prompt
+                engine.add_request(req.request_id, prompt, a.params, adapter=a.adapter)
+            except EngineRequestError as exc:
+                plan.errors.append((req, ErrorReply(exc.status, str(exc), code=exc.code)))
+                continue
+            plan.added.append(a)
+        if engine.has_unfinished():
+            t0 = time.perf_counter()
+            plan.outputs = engine.step()
+            self._engine_s += time.perf_counter() - t0  # written here only, read on the loop between passes
+
+    async def _settle_pass(self, plan: _EnginePass) -> None:
+        """On the loop: answer the adapter loads, admit requests that came for a registered adapter during the
+        pass, record the added requests, send the errors and the step's tokens."""
+        for adapter, future in plan.loads:
+            reply = plan.load_errors.get(adapter.name)
+            if reply is None:
+                self._registered.add(adapter.name)
+                for a in self._awaiting.pop(adapter.name, []):  # arrived during the pass: the next one admits them
+                    self._arrivals.pop(a.request.request_id, None)
+                    self._admit(a.request, a.params, a.adapter)
+            if future.done():  # its load was cancelled meanwhile (stop)
+                continue
+            if reply is None:
+                future.set_result(None)
+            else:
+                future.set_exception(MeshError(reply))  # its _load fails the requests that came meanwhile
+        for a in plan.admissions:
+            if a.adapter is not None:
+                self._unwant(a.adapter)  # pinned by the engine from here on, if added
+        for a in plan.added:
+            self._running[a.request.request_id] = _Running(a.request, a.params, plan.engine_s_at_admission)
+        await self._answer(plan.errors)
+        await self._publish_outputs(plan.outputs)
+        if plan.outputs:  # on the socket before the next step takes the cores: on the 2-core CPU the mesh's
+            await flush_writes(self._nc)  # TTFT beyond engine time fell from 6.75-7.4 to 5.3-5.7 ms
+
+    def _idle_adapters_to_evict(self) -> list[str]:
+        """Keep at most max_cpu_loras fetched adapters in host memory: the least recently used ones that no request
+        holds or waits for go (a later request fetches them again; their files go now)."""
         excess = len(self._last_used) - self.config.max_cpu_loras
         if excess <= 0:
-            return
+            return []
         busy = self.engine.adapters.pinned.keys() | self.engine.adapters.in_use.keys() | self._wanted.keys()
-        for name in [n for n in self._last_used if n not in busy][:excess]:
+        evicted = [n for n in self._last_used if n not in busy][:excess]
+        for name in evicted:
             del self._last_used[name]
-            if name in self.engine.adapter_names():
-                self.engine.unload_adapter(name)
             path = self._fetched.pop(name, None)
             if path is not None:
                 shutil.rmtree(path, ignore_errors=True)
             log.info("adapter %s unloaded: least recently used of more than %d", name, self.config.max_cpu_loras)
+        return evicted
 
     async def _publish_outputs(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -506,7 +573,9 @@ class GpuWorkerService:
         hb = self._snapshot
         hb.ready = self._accepting
         hb.finished, self._finished = self._finished[-MAX_FINISHED_REPORTED:], []
-        hb.request_ids = [*self._arrivals, *(a.request.request_id for a in self._admissions), *self._running]
+        in_pass = self._pass.admissions if self._pass else []
+        hb.request_ids = list(dict.fromkeys([*self._arrivals, *(a.request.request_id for a in in_pass),
+                                             *(a.request.request_id for a in self._admissions), *self._running]))
         await publish(self._nc, SUBJECT_HEARTBEAT, hb)
 
     async def _heartbeat_loop(self) -> None:

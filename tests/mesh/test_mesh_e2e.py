@@ -161,6 +161,33 @@ async def test_a_cold_request_is_admitted_in_the_pass_that_registers_its_adapter
     await asyncio.gather(busy, return_exceptions=True)
 
 
+async def test_every_engine_call_runs_on_the_step_thread(mesh, monkeypatch):
+    """The engine is not thread-safe, and a torch op on the event loop's thread (registering an adapter copies it
+    into the pools) starts a second OpenMP team that spins on the cores the step needs: registration, unloading,
+    tokenizing, adding, aborting and stepping all belong on the worker's step thread."""
+    threads: dict[str, set[str]] = {}
+    for method in ("register_adapter", "unload_adapter", "encode_chat", "add_request", "abort", "step"):
+        def recording(*args, _call=getattr(mesh.engine, method), _name=method, **kwargs):
+            threads.setdefault(_name, set()).add(threading.current_thread().name)
+            return _call(*args, **kwargs)
+        monkeypatch.setattr(mesh.engine, method, recording)
+    await register_from_dir(mesh.connections[0], "on-step-thread", demo_adapter_path(next(iter(DEMO_ADAPTERS))),
+                            timeout=30)
+    c = client(mesh)
+    assert await ask(c, "chat", "on-step-thread", stream=False)  # cold: fetched, registered, then added
+    stream = await c.completions.create(model=mesh.engine.model_name, prompt=PROMPT, max_tokens=200, temperature=0,
+                                        stream=True)
+    await stream.__anext__()
+    await stream.close()  # the client goes away: the worker aborts it
+    await until(lambda: "abort" in threads and not mesh.engine.has_unfinished())
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {mesh.config.admin_key}"}) as http:
+        async with http.delete(f"{mesh.base_url}/v1/adapters/on-step-thread") as resp:
+            assert resp.status == 200
+    await until(lambda: "unload_adapter" in threads)
+    assert set(threads) == {"register_adapter", "unload_adapter", "encode_chat", "add_request", "abort", "step"}
+    assert all(name.startswith("engine-step") for names in threads.values() for name in names), threads
+
+
 async def test_an_adapter_load_that_fails_answers_its_requests_with_an_error(mesh, monkeypatch):
     """A fetch that dies of something other than a refusal (a NATS timeout under load) ends the request with a clear
     error instead of leaving the client waiting for tokens that never come."""
