@@ -104,7 +104,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def git_commit(repo: Path = REPO_ROOT) -> dict[str, Any]:
-    """{"commit": HEAD sha or None, "dirty": True if tracked files differ from HEAD (None if unknown)}."""
+    """{"commit": HEAD sha or None, "dirty": True if tracked files differ from HEAD (None if unknown)}. Without git
+    (a copy of the tree on a GPU machine: bench/device/session.sh), the commit the caller names in CARASERVE_COMMIT."""
 
     def git(*args: str) -> str | None:
         try:
@@ -114,6 +115,8 @@ def git_commit(repo: Path = REPO_ROOT) -> dict[str, Any]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
+    if commit is None and os.environ.get("CARASERVE_COMMIT"):  # a copy of the tree without git (a GPU machine)
+        return {"commit": os.environ["CARASERVE_COMMIT"], "dirty": None}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
