@@ -3,10 +3,9 @@ the chosen tokens within 1e-3, for the base model and adapters of every shape we
 from __future__ import annotations
 
 import pytest
-import torch
 
-from helpers.lora_factory import make_random_adapter
 from helpers.oracle import greedy_reference
+from helpers.peft_cases import ADAPTERS, adapter_selected, load_peft_model, make_adapters
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.llm_engine import LLMEngine
 from services.gpu_worker.engine.sequence import SamplingParams
@@ -15,22 +14,6 @@ pytestmark = pytest.mark.slow
 
 MAX_NEW = 8
 LOGPROB_TOL = 1e-3
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ADAPTERS = {
-    "r1-qv": dict(r=1, target_modules=["q_proj", "v_proj"]),
-    "r7-all-linear": dict(r=7, target_modules="all-linear"),
-    "r8-attention": dict(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-    "r64-mlp": dict(r=64, target_modules=["gate_proj", "up_proj", "down_proj"]),
-    "r256-qv": dict(r=256, target_modules=["q_proj", "v_proj"]),
-    "rslora": dict(r=16, lora_alpha=8, use_rslora=True, target_modules=ALL),
-    "patterns-regex": dict(
-        r=8,
-        target_modules=r".*\.(q_proj|v_proj|up_proj)",
-        rank_pattern={"layers.1.self_attn.q_proj": 4, "up_proj": 12},
-        alpha_pattern={"v_proj": 3, "layers.2.mlp.up_proj": 40},
-    ),
-    "fan-in-fan-out-layers": dict(r=4, target_modules=["o_proj", "down_proj"], fan_in_fan_out=True, layers_to_transform=[0, 5, 29]),
-}
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -41,33 +24,18 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def adapter_dirs(hf_base, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    return {
-        name: make_random_adapter(hf_base, root / name, seed=i, b_std=0.3 / spec["r"] ** 0.5, **spec)
-        for i, (name, spec) in enumerate(ADAPTERS.items())
-    }
+    return make_adapters(hf_base, tmp_path_factory.mktemp("adapters"))
 
 
 @pytest.fixture(scope="module")
 def peft_oracle(default_model_path, adapter_dirs):
     """One PeftModel holding every test adapter (its own copy of the base weights)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32).eval()
-    names = list(adapter_dirs)
-    model = PeftModel.from_pretrained(base, adapter_dirs[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(adapter_dirs[name], adapter_name=name)
-    return model.eval()
+    return load_peft_model(default_model_path, adapter_dirs)
 
 
 def oracle(peft_model, adapter: str | None, prompt_ids: list[int], eos: set[int]):
-    if adapter is None:
-        with peft_model.disable_adapter():
-            return greedy_reference(peft_model, prompt_ids, MAX_NEW, eos)
-    peft_model.set_adapter(adapter)
-    return greedy_reference(peft_model, prompt_ids, MAX_NEW, eos)
+    with adapter_selected(peft_model, adapter):
+        return greedy_reference(peft_model, prompt_ids, MAX_NEW, eos)
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +127,7 @@ def test_preempted_request_resumes_and_matches(adapter_dirs, peft_oracle):
     results = eng.generate([ids for _, ids in requests], params, [a for a, _ in requests])
     assert sum(s.num_preemptions for s in seqs) > 0, "the KV cache was sized to force a preemption"
     for (adapter, ids), got in zip(requests, results):
-        if adapter is None:
-            with peft_oracle.disable_adapter():
-                want, lps = greedy_reference(peft_oracle, ids, MAX_NEW, set())
-        else:
-            peft_oracle.set_adapter(adapter)
+        with adapter_selected(peft_oracle, adapter):
             want, lps = greedy_reference(peft_oracle, ids, MAX_NEW, set())
         assert got.token_ids == want
         assert max(abs(a.logprob - b) for a, b in zip(got.logprobs, lps)) < LOGPROB_TOL

@@ -12,8 +12,8 @@ def greedy_reference(model, prompt_ids: list[int], max_new_tokens: int, eos_ids:
     """
     stop = sorted(eos_ids) or [model.config.vocab_size]
     out = model.generate(
-        torch.tensor([prompt_ids]),
-        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        torch.tensor([prompt_ids], device=model.device),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=model.device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         output_logits=True,
@@ -24,3 +24,11 @@ def greedy_reference(model, prompt_ids: list[int], max_new_tokens: int, eos_ids:
     tokens = out.sequences[0, len(prompt_ids) :].tolist()
     logprobs = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(out.logits, tokens)]
     return tokens, logprobs
+
+
+@torch.no_grad()
+def teacher_forced_log_softmax(model, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """Log-softmax (float32, on the CPU) over the vocabulary at each of `tokens`, fed after `prompt_ids` (then each
+    other) in one forward pass of an HF model: row i is the distribution tokens[i] was chosen from."""
+    logits = model(torch.tensor([prompt_ids + tokens], device=model.device)).logits[0, len(prompt_ids) - 1 : -1]
+    return torch.log_softmax(logits.float(), -1).cpu()
