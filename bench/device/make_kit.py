@@ -44,6 +44,18 @@ def download(specs: list[str], dest: Path) -> None:
     subprocess.run(args + specs, check=True)
 
 
+def split_points(size: int, first: int, rest: int) -> list[tuple[int, int]]:
+    """Byte ranges cutting `size` bytes into parts: the first at most `first` long (it travels with the wheels),
+    the others at most `rest`."""
+    if first <= 0 or rest <= 0:
+        raise ValueError("no room for a part")
+    cuts, start, room = [], 0, first
+    while start < size:
+        cuts.append((start, min(size, start + room)))
+        start, room = cuts[-1][1], rest
+    return cuts
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.parse_args()
@@ -72,10 +84,7 @@ def main() -> int:
     for w in others:
         shutil.move(str(w), KIT / "a" / "wheels" / w.name)
     data = model.read_bytes()
-    cuts, start, room = [], 0, first
-    while start < len(data):
-        cuts.append((start, min(len(data), start + room)))
-        start, room = cuts[-1][1], budget
+    cuts = split_points(len(data), first, budget)
     for i, (lo, hi) in enumerate(cuts):
         folder = KIT / chr(ord("a") + i)
         folder.mkdir(exist_ok=True)
