@@ -216,8 +216,7 @@ class GpuWorkerService:
         if self._tasks[0].done():  # the engine loop failed: nothing else will answer these
             await self._answer_all([a.request for a in self._admissions], _worker_stopped())
             self._admissions.clear()
-        in_pass = self._pass.admissions if self._pass else []  # added by the pass in flight
-        self._cancels += [*self._running, *(a.request.request_id for a in [*in_pass, *self._admissions])]
+        self._cancels += [*self._running, *(a.request.request_id for a in self._unadded())]
         self._stopped.set()
         self._wake.set()
         for task in self._tasks:
@@ -322,11 +321,21 @@ class GpuWorkerService:
 
     async def _fail_awaiting(self, adapter: str, reply: ErrorReply) -> None:
         """Answer every request waiting for `adapter`'s load with `reply`."""
+        waiting = self._take_awaiting(adapter)
+        for _ in waiting:
+            self._unwant(adapter)
+        await self._answer_all([a.request for a in waiting], reply)
+
+    def _take_awaiting(self, adapter: str) -> list[_Admission]:
+        """Remove and return the requests waiting for `adapter`'s load."""
         waiting = self._awaiting.pop(adapter, [])
         for a in waiting:
             self._arrivals.pop(a.request.request_id, None)
-            self._unwant(adapter)
-        await self._answer_all([a.request for a in waiting], reply)
+        return waiting
+
+    def _unadded(self) -> list[_Admission]:
+        """Admitted requests the engine has not taken yet: the pass in flight's, then those queued for the next."""
+        return (self._pass.admissions if self._pass else []) + self._admissions
 
     async def _answer_all(self, requests: list[GenerateRequest], reply: ErrorReply) -> None:
         """Send `reply` to each request's client."""
@@ -390,15 +399,13 @@ class GpuWorkerService:
             self._accepting = False
             error = ErrorReply(500, f"the GPU worker's engine failed ({type(exc).__name__}: {exc}); retry",
                                "api_error", "engine_failed")
-            lost = {r.request.request_id: r.request for r in self._running.values()}
-            in_pass = self._pass.admissions if self._pass else []
-            for a in [*in_pass, *self._admissions, *(a for waiting in self._awaiting.values() for a in waiting)]:
-                lost.setdefault(a.request.request_id, a.request)
+            lost = [r.request for r in self._running.values()] + [a.request for a in self._unadded()]
+            lost += [a.request for waiting in self._awaiting.values() for a in waiting]
             self._running.clear()
             self._admissions.clear()
             self._awaiting.clear()
             self._arrivals.clear()
-            await self._answer_all(list(lost.values()), error)
+            await self._answer_all(lost, error)
             self.crashed.set()
 
     async def _run_engine(self) -> None:
@@ -421,16 +428,15 @@ class GpuWorkerService:
         """On the loop: take what queued since the last pass (fetched adapters and the requests waiting for them,
         deletions, cancels, admissions) and choose the adapters to evict, for the step thread to carry out."""
         loads, self._loads = [(adapter, f) for adapter, f in self._loads if not f.done()], []  # done: cancelled
-        ready = [a for adapter, _ in loads for a in self._awaiting.pop(adapter.name, [])]  # admitted in this pass
+        ready = [a for adapter, _ in loads for a in self._take_awaiting(adapter.name)]  # admitted in this pass
         for a in ready:
-            self._arrivals.pop(a.request.request_id, None)
             self._mark_used(a.adapter)
         unloads, self._unloads = self._unloads, []
         for name in unloads:
             self._last_used.pop(name, None)
         admissions, self._admissions = self._admissions + ready, []
         cancels, self._cancels = set(self._cancels), []
-        plan = _EnginePass(loads, unloads, self._idle_adapters_to_evict(), cancels, admissions,
+        plan = _EnginePass(loads, unloads, self._evict_idle_adapters(), cancels, admissions,
                            self._stopped.is_set())
         self._registered.difference_update(plan.unloads + plan.evictions)  # refused from now on
         return plan
@@ -479,8 +485,7 @@ class GpuWorkerService:
             reply = plan.load_errors.get(adapter.name)
             if reply is None:
                 self._registered.add(adapter.name)
-                for a in self._awaiting.pop(adapter.name, []):  # arrived during the pass: the next one admits them
-                    self._arrivals.pop(a.request.request_id, None)
+                for a in self._take_awaiting(adapter.name):  # arrived during the pass: the next one admits them
                     self._admit(a.request, a.params, a.adapter)
             if future.done():  # its load was cancelled meanwhile (stop)
                 continue
@@ -498,9 +503,10 @@ class GpuWorkerService:
         if plan.outputs:  # on the socket before the next step takes the cores: on the 2-core CPU the mesh's
             await flush_writes(self._nc)  # TTFT beyond engine time fell from 6.75-7.4 to 5.3-5.7 ms
 
-    def _idle_adapters_to_evict(self) -> list[str]:
+    def _evict_idle_adapters(self) -> list[str]:
         """Keep at most max_cpu_loras fetched adapters in host memory: the least recently used ones that no request
-        holds or waits for go (a later request fetches them again; their files go now)."""
+        holds or waits for go (a later request fetches them again). Their files go now; the names are returned for
+        the pass to unload from the engine."""
         excess = len(self._last_used) - self.config.max_cpu_loras
         if excess <= 0:
             return []
@@ -573,9 +579,7 @@ class GpuWorkerService:
         hb = self._snapshot
         hb.ready = self._accepting
         hb.finished, self._finished = self._finished[-MAX_FINISHED_REPORTED:], []
-        in_pass = self._pass.admissions if self._pass else []
-        hb.request_ids = list(dict.fromkeys([*self._arrivals, *(a.request.request_id for a in in_pass),
-                                             *(a.request.request_id for a in self._admissions), *self._running]))
+        hb.request_ids = [*self._arrivals, *(a.request.request_id for a in self._unadded()), *self._running]
         await publish(self._nc, SUBJECT_HEARTBEAT, hb)
 
     async def _heartbeat_loop(self) -> None:
