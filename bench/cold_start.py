@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.gpu_worker.engine.config import EngineConfig
     from services.gpu_worker.engine.llm_engine import LLMEngine
+    from services.gpu_worker.kernel_warmup import warm_up_if_compiled
 
     gen = torch.Generator().manual_seed(1)
     total = args.requests + 2
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             progress(NAME, f"loading the engine (cpu_assist {assist})")
             engine = LLMEngine(config)
             try:
+                warm_up_if_compiled(engine, report=lambda line: progress(NAME, line))  # no compiling in a TTFT
                 for a in range(args.adapters):
                     engine.load_adapter(f"lora{a}", tmp / f"lora{a}")
                 systems = ("resident", "off") if assist == "off" else ("auto",)

@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.gpu_worker.engine.config import EngineConfig
     from services.gpu_worker.engine.llm_engine import LLMEngine
     from services.gpu_worker.engine.sequence import SamplingParams
+    from services.gpu_worker.kernel_warmup import warm_up_if_compiled
 
     with tempfile.TemporaryDirectory(prefix="decode-step-") as tmp:
         tmp = Path(tmp)
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         progress(NAME, "loading the engine")
         engine = LLMEngine(config)
+        warm_up_if_compiled(engine, report=lambda line: progress(NAME, line))
         for a in range(args.batch):
             engine.load_adapter(f"lora{a}", tmp / f"lora{a}")
         gen = torch.Generator().manual_seed(1)

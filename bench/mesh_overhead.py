@@ -187,6 +187,7 @@ def engine_batch(engine, prompts, max_tokens) -> tuple[float, int, list[str]]:
 async def run(args) -> dict:
     from services.gpu_worker.engine.config import EngineConfig
     from services.gpu_worker.engine.llm_engine import LLMEngine
+    from services.gpu_worker.kernel_warmup import warm_up_if_compiled
     from shared.model_provisioning import resolve_model
 
     model_path = str(resolve_model(args.model).path)
@@ -201,6 +202,7 @@ async def run(args) -> dict:
         echo_nc = await nats_py.connect(nats.url)
         progress("in_process", "loading the engine")
         engine = LLMEngine(EngineConfig(model=model_path))
+        warm_up_if_compiled(engine, report=lambda line: progress("in_process", line))  # as the worker does
         model = engine.model_name
         await wait_ready(base_url)
         progress("mesh", f"ready at {base_url}")

@@ -76,8 +76,9 @@ class ProfileSettings:
         return unique
 
 
-def random_adapter(engine, rank: int, seed: int = 0) -> LoRAAdapter:
-    """An in-memory adapter of `rank` on every LoRA target of every layer, random A and B (timing only)."""
+def random_adapter(engine, rank: int, seed: int = 0, name: str | None = None) -> LoRAAdapter:
+    """An in-memory adapter of `rank` on every LoRA target of every layer, random A and B (timing only); named
+    `name`, by default the profiler's name for its rank."""
     shape = engine.base_shape
     g = torch.Generator().manual_seed(seed)
     modules = []
@@ -87,7 +88,7 @@ def random_adapter(engine, rank: int, seed: int = 0) -> LoRAAdapter:
             a = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
             b = torch.randn(fan_out, rank, generator=g) * 0.01
             modules.append(LoRAModuleWeights(layer, target, a.contiguous(), b.contiguous(), 2.0))
-    name = f"{ADAPTER_PREFIX}{rank}"
+    name = name or f"{ADAPTER_PREFIX}{rank}"
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(LORA_TARGETS)}
     return LoRAAdapter(name, Path("<random>"), config, modules)
 

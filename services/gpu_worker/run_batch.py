@@ -221,9 +221,11 @@ def parse_lora_modules(specs: list[str] | None) -> list[tuple[str, Path]]:
 
 
 def build_engine(args: argparse.Namespace):
-    """An LLMEngine from the engine options of services/cli.py; CLIError for a bad model or setting."""
+    """An LLMEngine from the engine options of services/cli.py, its Triton kernels compiled when it runs them on a
+    GPU (kernel_warmup.py); CLIError for a bad model or setting."""
     from services.gpu_worker.engine.config import ConfigError, EngineConfig
     from services.gpu_worker.engine.llm_engine import LLMEngine
+    from services.gpu_worker.kernel_warmup import warm_up_if_compiled
     from services.gpu_worker.model.weights import UnsupportedModelError
     from shared.model_provisioning import ModelNotFoundError
 
@@ -239,6 +241,9 @@ def build_engine(args: argparse.Namespace):
     except (ConfigError, ModelNotFoundError, UnsupportedModelError) as exc:
         raise CLIError(str(exc)) from None
     print(f"loaded {engine.model_name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    seconds = warm_up_if_compiled(engine, report=lambda line: print(line, file=sys.stderr))
+    if seconds is not None:  # before the first request, not in its time to first token
+        print(f"Triton kernels compiled (or loaded from Triton's cache) in {seconds:.1f}s", file=sys.stderr)
     return engine
 
 

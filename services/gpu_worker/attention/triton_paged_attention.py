@@ -24,10 +24,19 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
+# Tiles (query rows, keys; decode uses the keys) tried in order until the kernel fits the GPU's shared memory: Triton
+# raises OutOfResources when it loads a kernel that asks for more than one block may have (99 KB on A10G/L4-class
+# GPUs, 163 KB on A100, 227 KB on H100: 64 x 64 prefill tiles of head_dim 256 in bf16 need 107-164 KB, of head_dim
+# 128 in fp32 115 KB). The first that fits is remembered per variant. float32 starts at 32 x 32: at 64 x 64 its
+# tiles spill registers. bench/device/compile_check.py compiles every variant for each arch and reports both.
+_TILES = {torch.float32: ((32, 32), (16, 16))}
+_HALF_TILES = ((64, 64), (32, 32), (16, 16))
+_fitting_tile: dict[tuple, int] = {}  # (kernel, device, dtype, head_dim, group) -> index in the dtype's tiles
 
 
 @triton.jit
@@ -202,7 +211,7 @@ def paged_attention_decode(
     block_size: int,
     scale: float,
     out: torch.Tensor | None = None,  # [B, H, D] written in place when given
-    block_n: int = 64,  # keys per tile (a power of two >= 16)
+    block_n: int | None = None,  # keys per tile (a power of two >= 16); default: the largest that fits the GPU
 ) -> torch.Tensor:
     """Attention of each sequence's single query over its cached keys 0 .. context_lens[b] - 1; [B, H, D].
 
@@ -216,15 +225,15 @@ def paged_attention_decode(
     out = _out(q, out)
     if batch == 0:
         return out
-    grid = (batch, kv_heads)
-    _paged_decode_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, context_lens,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), out.stride(1), block_tables.stride(0),
-        scale * _LOG2E, block_size,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n, DOT_F32=_dot_f32(q.dtype),
-    )
+    _launch_fitting("decode", q, head_dim, group, None if block_n is None else (0, block_n), lambda _, keys: (
+        _paged_decode_kernel[(batch, kv_heads)](
+            q, k_cache, v_cache, out, block_tables, context_lens,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+            out.stride(0), out.stride(1), block_tables.stride(0),
+            scale * _LOG2E, block_size,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)),
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=keys, DOT_F32=_dot_f32(q.dtype),
+        )))
     return out
 
 
@@ -240,8 +249,8 @@ def paged_attention_prefill(
     block_size: int,
     scale: float,
     out: torch.Tensor | None = None,  # [T, H, D]; only the chunks' rows are written
-    block_m: int = 64,  # (query, head) rows per tile (a power of two >= 16)
-    block_n: int = 64,  # keys per tile
+    block_m: int | None = None,  # (query, head) rows per tile (a power of two >= 16); default: see block_n
+    block_n: int | None = None,  # keys per tile; default (with block_m): the largest tile that fits the GPU
 ) -> torch.Tensor:
     """Chunked-prefill attention: query j of chunk c sees keys 0 .. context_lens[c] + j; [T, H, D].
 
@@ -254,16 +263,37 @@ def paged_attention_prefill(
     out = _out(q, out)
     if chunks == 0 or max_query_len == 0:
         return out
-    grid = (chunks, kv_heads, math.ceil(max_query_len * group / block_m))
-    _paged_prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, context_lens, query_start, query_lens,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        out.stride(0), out.stride(1), block_tables.stride(0),
-        scale * _LOG2E, block_size,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n, DOT_F32=_dot_f32(q.dtype),
-    )
+    tile = None if block_m is None and block_n is None else (block_m or 64, block_n or 64)
+    _launch_fitting("prefill", q, head_dim, group, tile, lambda rows, keys: (
+        _paged_prefill_kernel[(chunks, kv_heads, math.ceil(max_query_len * group / rows))](
+            q, k_cache, v_cache, out, block_tables, context_lens, query_start, query_lens,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+            out.stride(0), out.stride(1), block_tables.stride(0),
+            scale * _LOG2E, block_size,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=rows,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=keys, DOT_F32=_dot_f32(q.dtype),
+        )))
     return out
+
+
+def _launch_fitting(kernel: str, q: torch.Tensor, head_dim: int, group: int, tile: tuple[int, int] | None,
+                    launch) -> None:
+    """launch(rows, keys) with `tile` if given, else with the first of the dtype's tiles whose kernel fits the GPU
+    (OutOfResources from the largest moves on to the next; the one that fit is remembered for this variant)."""
+    if tile is not None:
+        launch(*tile)
+        return
+    tiles = _TILES.get(q.dtype, _HALF_TILES)
+    key = (kernel, q.device, q.dtype, head_dim, group)
+    for i in range(_fitting_tile.get(key, 0), len(tiles)):
+        try:
+            launch(*tiles[i])
+        except OutOfResources:
+            if i + 1 == len(tiles):
+                raise
+            continue
+        _fitting_tile[key] = i
+        return
 
 
 # ---- torch reference twins: plain gathers + softmax in float32, one sequence at a time ----

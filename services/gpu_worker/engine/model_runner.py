@@ -45,8 +45,11 @@ class ModelRunner:
         return slots[:, :longest], mask
 
     def _block_tables(self, tables: list[list[int]]) -> torch.Tensor:
-        """[S, max_blocks] int32 on the device: each sequence's blocks, padded with 0 (never read: past its length)."""
-        padded = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.int32)
+        """[S, max_blocks] int32 on the device: each sequence's blocks, padded with 0 (never read: past its length).
+
+        max_blocks is rounded up to a multiple of 16: a row stride of 1, or of a multiple of 16, would each make
+        Triton compile the attention kernels anew (it specializes on both), so steps would not share one variant."""
+        padded = torch.zeros(len(tables), -(-max(len(t) for t in tables) // 16) * 16, dtype=torch.int32)
         for r, t in enumerate(tables):
             padded[r, : len(t)] = torch.tensor(t, dtype=torch.int32)
         return padded.to(self.device)

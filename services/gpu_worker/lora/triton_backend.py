@@ -47,14 +47,18 @@ class TritonLoRABackend:
             for e, start, end in segs:
                 entries[start:end] = [e] * (end - start)
             host = torch.tensor(entries, dtype=torch.int32)
-        else:
-            host = torch.tensor([[e for e, _, _ in segs], [s for _, s, _ in segs], [end - s for _, s, end in segs]],
-                                dtype=torch.int32)  # [3, N]: its rows are contiguous views on the device
+        else:  # [3, N rounded up to 4]: each row a contiguous device view, 16-byte aligned whatever N is (Triton
+            # compiles a kernel anew for a pointer that is not)
+            rows = [[e for e, _, _ in segs], [s for _, s, _ in segs], [end - s for _, s, end in segs]]
+            host = torch.zeros(3, -(-len(segs) // 4) * 4, dtype=torch.int32)
+            host[:, :len(segs)] = torch.tensor(rows, dtype=torch.int32).reshape(3, len(segs))
         dev = self._to_device(host)
         if per_token:
             launch = LoRALaunch(True, dev, None, None, 1)
         else:
-            launch = LoRALaunch(False, dev[0], dev[1], dev[2], max((end - s for _, s, end in segs), default=0))
+            n = len(segs)
+            launch = LoRALaunch(False, dev[0, :n], dev[1, :n], dev[2, :n],
+                                max((end - s for _, s, end in segs), default=0))
         max_rank = {g: max((gp.max_rank[e] for e, _, _ in segs), default=0) for g, gp in self.pool.groups.items()}
         info.kernel_meta = TritonLoRAStep(launch, max_rank)
 

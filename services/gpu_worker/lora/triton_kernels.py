@@ -208,6 +208,10 @@ def _precision(dtype: torch.dtype, cast: bool) -> str | None:
     return "ieee" if cast or dtype == torch.float32 else None
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _rank_block(max_rank: int) -> int:
     return min(64, max(16, triton.next_power_of_2(max_rank)))
 
@@ -230,8 +234,10 @@ def lora_shrink(
     _check_meta(x.device, row_off=row_off, rank=rank, entries=launch.entries, starts=launch.starts,
                 lengths=launch.lengths)
     T, K = x.shape
-    if out is None:
-        out = torch.empty(T, max(max_rank, 1), dtype=torch.float32, device=x.device)
+    if out is None:  # rows 64-byte aligned: coalesced, and one compiled variant whatever max_rank is (a row stride
+        # of 1, or a multiple of 16 elements, would each make Triton specialize the kernels anew)
+        cols = max(max_rank, 1)
+        out = torch.empty(T, _round_up(cols, 16), dtype=torch.float32, device=x.device)[:, :cols]
     if out.dtype != torch.float32 or out.shape[0] != T or out.shape[1] < max_rank:
         raise ValueError(f"out must be float32 [T, >= {max_rank}], got {out.dtype} {tuple(out.shape)}")
     if launch.num_programs == 0 or max_rank == 0 or T == 0:

@@ -171,6 +171,56 @@ def test_prefill_is_causal_and_sees_the_prefix():
     assert (got[:1] - first).abs().max() > 1e-2
 
 
+class SmallSharedMemory:
+    """Stands in for a kernel on a GPU with little shared memory: a launch with a tile over `fits` (rows, keys) raises
+    OutOfResources, as Triton does when it loads such a kernel; smaller tiles run the real kernel. Records each try."""
+
+    def __init__(self, kernel, fits: tuple[int, int]):
+        self.kernel, self.fits, self.tried = kernel, fits, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            tile = (meta.get("BLOCK_M", 0), meta["BLOCK_N"])  # decode tiles keys only
+            self.tried.append(tile if "BLOCK_M" in meta else tile[1])
+            if tile[0] > self.fits[0] or tile[1] > self.fits[1]:
+                raise tpa.OutOfResources(200_000, 101_376, "shared memory")
+            return self.kernel[grid](*args, **meta)
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_tiles_shrink_until_the_kernel_fits(monkeypatch, dtype):
+    """A kernel too big for the GPU's shared memory is retried with the next smaller tile, the one that fit is kept
+    for later launches of the variant, and the result is the same attention; with no tile fitting, the error says so."""
+    monkeypatch.setattr(tpa, "_fitting_tile", {})
+    prefill = SmallSharedMemory(tpa._paged_prefill_kernel, fits=(16, 16))
+    decode = SmallSharedMemory(tpa._paged_decode_kernel, fits=(16, 32))
+    monkeypatch.setattr(tpa, "_paged_prefill_kernel", prefill)
+    monkeypatch.setattr(tpa, "_paged_decode_kernel", decode)
+    k, v, tables = paged_cache([40, 21], 2, 64, 8, dtype, seed=5)
+    q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(6)).to(dtype).to(DEVICE)
+    i32 = lambda *x: torch.tensor(x, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    ctx = i32(40, 21)
+    for _ in range(2):
+        got = tpa.paged_attention_decode(q, k, v, tables, ctx, 8, 0.125)
+        assert_within_bound(got, tpa.paged_attention_decode_ref(*f32(q, k, v), tables, ctx, 8, 0.125), v, dtype)
+        got = tpa.paged_attention_prefill(q, k, v, tables, i32(0, 1), i32(1, 1), i32(39, 20), 1, 8, 0.125)
+        exact = tpa.paged_attention_prefill_ref(*f32(q, k, v), tables, i32(0, 1), i32(1, 1), i32(39, 20), 8, 0.125)
+        assert_within_bound(got, exact, v, dtype)
+    # the first launch walks down the dtype's tiles; the second starts from the one that fit
+    if dtype == torch.float32:
+        assert decode.tried == [32, 32] and prefill.tried == [(32, 32), (16, 16), (16, 16)]
+    else:
+        assert decode.tried == [64, 32, 32] and prefill.tried == [(64, 64), (32, 32), (16, 16), (16, 16)]
+    # an explicit tile is launched as asked, with no fallback; nothing fitting raises Triton's own error
+    with pytest.raises(tpa.OutOfResources, match="shared memory"):
+        tpa.paged_attention_decode(q, k, v, tables, ctx, 8, 0.125, block_n=64)
+    monkeypatch.setattr(tpa, "_fitting_tile", {})
+    prefill.fits = (8, 8)
+    with pytest.raises(tpa.OutOfResources, match="shared memory"):
+        tpa.paged_attention_prefill(q, k, v, tables, i32(0, 1), i32(1, 1), i32(39, 20), 1, 8, 0.125)
+
+
 def test_wrappers_refuse_bad_inputs():
     k = torch.zeros(32, 2, 64, device=DEVICE)
     tables = torch.zeros(1, 2, dtype=torch.int32, device=DEVICE)
