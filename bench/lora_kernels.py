@@ -13,13 +13,16 @@ over (batch, max rank) and (batch, sum of ranks); a least-squares fit of each is
 scheduler's model: ours ~ c0 + c1·B + c2·Σr, padded ~ c0 + c1·B + c2·B·r_max.
 
 Output: JSON (default bench/results/lora_kernels.json) with machine, git commit, config, rows and fits.
-Needs CUDA: exits with a message (code 2) without it.
+Needs CUDA: exits with a message (code 2) without it. `--allow-cpu` (with TRITON_INTERPRET=1 in the environment,
+float32, small --hidden) is a smoke run of the code in the Triton interpreter, timed by the wall clock: no result.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,20 +34,32 @@ MIXES = {"uniform-8": [8], "uniform-16": [16], "uniform-32": [32], "uniform-64":
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
-def copy_bandwidth(torch, triton) -> float:
-    """Bytes/s of a device-to-device copy of 1 GiB (read + write counted)."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+def time_us(fn, device) -> float:
+    """Median microseconds of fn(): triton's do_bench on CUDA; on the CPU (smoke runs) a few wall-clock calls."""
+    if device == "cuda":
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e6)
+    return sorted(times)[1]
+
+
+def copy_bandwidth(torch, device) -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB (read + write counted; 64 MiB on the CPU)."""
+    src = torch.empty(2**30 if device == "cuda" else 2**26, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3)
+    return 2 * src.numel() / (time_us(lambda: dst.copy_(src), device) * 1e-6)
 
 
-def make_case(torch, batch, ranks, hidden, dtype, padded: bool):
+def make_case(torch, batch, ranks, hidden, dtype, padded: bool, dev: str):
     """Pool tensors, metadata and inputs for one case; `ranks` per adapter (padded: all set to the max)."""
     from services.gpu_worker.lora.triton_kernels import LoRALaunch
     from services.gpu_worker.lora.triton_backend import PER_TOKEN_BELOW
 
-    dev = "cuda"
     n = len(ranks)
     eff = [max(ranks)] * n if padded else list(ranks)
     offs = [sum(eff[:i]) for i in range(n)]
@@ -78,13 +93,13 @@ def run_ours(c, hidden):
 
 def torch_reference(torch, c):
     """Padded [n, r_max, K] / [n, N, r_max] stacks, then gather per token + bmm (built once, timed per call)."""
-    n, r, hidden = len(c["eff"]), c["max_rank"], c["x"].shape[1]
-    a_pad = torch.zeros(n, r, hidden, device="cuda", dtype=c["x"].dtype)
-    b_pad = torch.zeros(n, hidden, r, device="cuda", dtype=c["x"].dtype)
+    n, r, hidden, dev = len(c["eff"]), c["max_rank"], c["x"].shape[1], c["x"].device
+    a_pad = torch.zeros(n, r, hidden, device=dev, dtype=c["x"].dtype)
+    b_pad = torch.zeros(n, hidden, r, device=dev, dtype=c["x"].dtype)
     for e, (off, rank) in enumerate(zip(c["row_off"].tolist(), c["eff"])):
         a_pad[e, :rank] = c["a"][off : off + rank]
         b_pad[e, :, :rank] = c["b"][off : off + rank].t()
-    idx = torch.tensor(c["owner"], device="cuda")
+    idx = torch.tensor(c["owner"], device=dev)
 
     def fn():
         t = torch.bmm(c["x"][:, None, :], a_pad[idx].transpose(1, 2))  # [B, 1, r]
@@ -98,7 +113,7 @@ def lstsq_fit(torch, features: list[list[float]], times: list[float]) -> list[fl
     return torch.linalg.lstsq(X, torch.tensor(times, dtype=torch.float64)[:, None]).solution[:, 0].tolist()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=4096, help="projection width, in and out (default: 4096)")
@@ -106,17 +121,18 @@ def main() -> int:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--quick", action="store_true", help="a smoke run: batches 1, 16, 256 only")
     parser.add_argument("--output", help="JSON path (default: bench/results/lora_kernels.json)")
-    args = parser.parse_args()
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="without CUDA: a smoke run of the code in the Triton interpreter (TRITON_INTERPRET=1)")
+    args = parser.parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
-        print("bench/lora_kernels.py needs a CUDA GPU (the Triton kernels are timed compiled); none found",
-              file=sys.stderr)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not (args.allow_cpu and os.environ.get("TRITON_INTERPRET") == "1"):
+        print("bench/lora_kernels.py needs a CUDA GPU (the Triton kernels are timed compiled); none found "
+              "(--allow-cpu with TRITON_INTERPRET=1 is a smoke run of the code)", file=sys.stderr)
         return 2
-    import triton
-
     dtype = getattr(torch, args.dtype)
-    bw = copy_bandwidth(torch, triton)
+    bw = copy_bandwidth(torch, device)
     progress("lora_kernels", f"copy bandwidth {bw / 1e9:.0f} GB/s")
     size = torch.empty((), dtype=dtype).element_size()
     rows, g = [], random.Random(0)
@@ -124,12 +140,11 @@ def main() -> int:
         for batch in [1, 16, 256] if args.quick else BATCHES:
             n = min(batch, args.adapters)
             ranks = [g.choice(choices) for _ in range(n)]
-            bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3  # noqa: E731
-            ours = make_case(torch, batch, ranks, args.hidden, dtype, padded=False)
-            padded = make_case(torch, batch, ranks, args.hidden, dtype, padded=True)
-            us_ours = bench(lambda: run_ours(ours, args.hidden))
-            us_padded = bench(lambda: run_ours(padded, args.hidden))
-            us_torch = bench(torch_reference(torch, ours))
+            ours = make_case(torch, batch, ranks, args.hidden, dtype, padded=False, dev=device)
+            padded = make_case(torch, batch, ranks, args.hidden, dtype, padded=True, dev=device)
+            us_ours = time_us(lambda: run_ours(ours, args.hidden), device)
+            us_padded = time_us(lambda: run_ours(padded, args.hidden), device)
+            us_torch = time_us(torch_reference(torch, ours), device)
             sum_r = sum(ranks[e] for e in ours["used"])
             nbytes = (batch * args.hidden * size * 3 + 2 * sum_r * args.hidden * size
                       + 2 * batch * max(ranks) * 4)
@@ -150,6 +165,8 @@ def main() -> int:
     result = dict(benchmark="lora_kernels", timestamp=timestamp(), machine=machine_info(), git=git_commit(),
                   config=dict(hidden=args.hidden, adapters=args.adapters, dtype=args.dtype, quick=args.quick),
                   copy_bandwidth_bytes_per_s=bw, rows=rows, fits=fits)
+    if device == "cpu":
+        result["note"] = "CPU smoke run (--allow-cpu, Triton interpreter): not a result"
     out = write_result("lora_kernels", result, args.output)
     print(f"wrote {out}")
     return 0

@@ -44,13 +44,16 @@ def compiles_kernels(engine) -> bool:
     return uses_triton and engine.config.torch_device().type == "cuda" and not interpreting()
 
 
-def warm_up_if_compiled(engine, report: Callable[[str], None] = lambda line: None) -> float | None:
+def warm_up_if_compiled(engine, report: Callable[[str], None] = lambda line: None,
+                        should_stop: Callable[[], bool] = lambda: False) -> float | None:
     """warm_up(engine) when it runs compiled Triton kernels (its seconds), else nothing (None)."""
-    return warm_up(engine, report) if compiles_kernels(engine) else None
+    return warm_up(engine, report, should_stop) if compiles_kernels(engine) else None
 
 
-def warm_up(engine, report: Callable[[str], None] = lambda line: None) -> float:
-    """Run the warm-up requests through `engine` (nothing else may be running); returns the seconds it took."""
+def warm_up(engine, report: Callable[[str], None] = lambda line: None,
+            should_stop: Callable[[], bool] = lambda: False) -> float:
+    """Run the warm-up requests through `engine` (nothing else may be running); returns the seconds it took.
+    Stops early, between adapters, once should_stop() is true (a worker told to stop while it starts)."""
     from services.gpu_worker.profiler import random_adapter
 
     if engine.has_unfinished():
@@ -59,6 +62,9 @@ def warm_up(engine, report: Callable[[str], None] = lambda line: None) -> float:
     ranks = sorted({r for r in TILE_RANKS if r <= cap} | {cap})
     start = time.perf_counter()
     for i, rank in enumerate(ranks):
+        if should_stop():
+            log.info("kernel warm-up stopped after %d of %d adapter ranks", i, len(ranks))
+            break
         report(f"kernel warm-up {i + 1}/{len(ranks)}: rank {rank} ({time.perf_counter() - start:.0f} s)")
         adapter = engine.register_adapter(random_adapter(engine, rank, seed=rank, name=f"{ADAPTER_PREFIX}{rank}"))
         _run_requests(engine, adapter.name)

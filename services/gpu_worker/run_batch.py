@@ -19,7 +19,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,9 +220,9 @@ def parse_lora_modules(specs: list[str] | None) -> list[tuple[str, Path]]:
     return modules
 
 
-def build_engine(args: argparse.Namespace):
+def build_engine(args: argparse.Namespace, should_stop: Callable[[], bool] = lambda: False):
     """An LLMEngine from the engine options of services/cli.py, its Triton kernels compiled when it runs them on a
-    GPU (kernel_warmup.py); CLIError for a bad model or setting."""
+    GPU (kernel_warmup.py; cut short once should_stop() is true); CLIError for a bad model or setting."""
     from services.gpu_worker.engine.config import ConfigError, EngineConfig
     from services.gpu_worker.engine.llm_engine import LLMEngine
     from services.gpu_worker.kernel_warmup import warm_up_if_compiled
@@ -241,7 +241,7 @@ def build_engine(args: argparse.Namespace):
     except (ConfigError, ModelNotFoundError, UnsupportedModelError) as exc:
         raise CLIError(str(exc)) from None
     print(f"loaded {engine.model_name} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    seconds = warm_up_if_compiled(engine, report=lambda line: print(line, file=sys.stderr))
+    seconds = warm_up_if_compiled(engine, lambda line: print(line, file=sys.stderr), should_stop)
     if seconds is not None:  # before the first request, not in its time to first token
         print(f"Triton kernels compiled (or loaded from Triton's cache) in {seconds:.1f}s", file=sys.stderr)
     return engine

@@ -613,7 +613,7 @@ def serve_command(args) -> int:
 
     def build() -> GpuWorkerService:
         step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
-        engine = step_thread.submit(build_engine, args).result()  # loaded on the thread that will step it
+        engine = step_thread.submit(build_engine, args, shutdown_requested.is_set).result()  # on the step thread
         engines.append(engine)
         try:  # profiled on the step thread too: the times it measures are the ones requests will see
             perf_model = step_thread.submit(load_or_profile, engine, config.perf_model, config.data_dir,

@@ -1,14 +1,18 @@
-"""The GPU benchmarks (bench/cold_start.py, bench/decode_step.py) run end to end on the CPU as smoke runs of their
-code on a tiny model, so that a lent GPU's time is not lost to a broken script; without a GPU and --allow-cpu they
-refuse to pretend."""
+"""The GPU benchmarks (bench/cold_start.py, bench/decode_step.py, bench/lora_kernels.py) run end to end on the CPU
+as smoke runs of their code on a tiny model, so that a lent GPU's time is not lost to a broken script; without a GPU
+and --allow-cpu they refuse to pretend."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from bench import cold_start, decode_step
+from bench import cold_start, decode_step, lora_kernels
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for real")
@@ -38,3 +42,24 @@ def test_decode_step_smoke_run(tmp_path):
                              "--steps", "2", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["step_ms"]["p50"] > 0 and result["bound_ms"] > 0 and result["config"]["batch"] == 12
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmark runs for real (session.sh kernels)")
+def test_lora_kernels_smoke_run(tmp_path):
+    """bench/lora_kernels.py end to end in the Triton interpreter (a subprocess: Triton decides at import whether the
+    kernels are interpreted): every rank mix and batch has a row, the cost fits are written."""
+    out = tmp_path / "kernels.json"
+    script = Path(__file__).resolve().parents[2] / "bench" / "lora_kernels.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(script), "--allow-cpu", "--quick", "--hidden", "48", "--adapters", "4",
+                           "--dtype", "float32", "--output", str(out)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {(r["mix"], r["batch"]) for r in result["rows"]} == {(m, b) for m in lora_kernels.MIXES
+                                                                for b in (1, 16, 256)}
+    assert all(r["ours_us"] > 0 and r["padded_us"] > 0 and r["torch_us"] > 0 for r in result["rows"])
+    assert len(result["fits"]) == 2 and "not a result" in result["note"]
+    without = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert without.returncode == 2 and "needs a CUDA GPU" in without.stderr

@@ -84,3 +84,14 @@ def test_warm_up_refuses_a_busy_engine(tiny_llama, device):
     with pytest.raises(RuntimeError, match="idle engine"):
         warm_up(engine)
     assert not any(n.startswith(ADAPTER_PREFIX) for n in engine.adapter_names())
+
+
+def test_warm_up_stops_early_when_told(tiny_llama, device):
+    """A worker told to stop while it warms up stops between adapters, with nothing left behind."""
+    model_dir, _ = tiny_llama
+    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory_gb=0.02, max_lora_rank=16,
+                                    device=str(device)))
+    asked = []
+    warm_up(engine, report=asked.append, should_stop=lambda: len(asked) >= 1)
+    assert len(asked) == 1 and "1/3: rank 1" in asked[0]  # ranks 1, 8, 16: stopped after the first
+    assert engine.adapter_names() == [] and not engine.has_unfinished()
