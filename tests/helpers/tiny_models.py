@@ -29,3 +29,15 @@ def save_tiny_llama(out_dir, default_model_path, seed: int = 0, **config):
     model.save_pretrained(out_dir, safe_serialization=True)
     copy_tokenizer(default_model_path, out_dir)
     return model
+
+
+# A tiny GQA Llama for the Triton backend tests (the interpreter is slow): hidden 48, odd intermediate 72, 2 layers,
+# 4 query heads over 2 kv heads, a 512-token vocabulary.
+TINY_GQA = dict(vocab_size=512, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
+
+
+def save_tiny_gqa_llama(out_dir, default_model_path, **overrides):
+    """save_tiny_llama with the TINY_GQA configuration (entries of `overrides` replace its)."""
+    return save_tiny_llama(out_dir, default_model_path, **{**TINY_GQA, **overrides})
+

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from helpers.lora_factory import make_random_adapter
+from helpers.tiny_models import TINY_GQA, save_tiny_gqa_llama
 from helpers.triton_variants import LaunchVariants
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.llm_engine import LLMEngine
 from services.gpu_worker.engine.sequence import SamplingParams
 from services.gpu_worker.kernel_warmup import ADAPTER_PREFIX, KERNELS, compiles_kernels, warm_up
 
-VOCAB = 512
+VOCAB = TINY_GQA["vocab_size"]
 ADAPTERS = {  # ranks and targets unlike the warm-up's (every projection, ranks 1, 8, 16, 32)
     "qv2": dict(r=2, target_modules=["q_proj", "v_proj"]),
     "all5": dict(r=5, target_modules="all-linear"),
@@ -27,13 +28,10 @@ ADAPTERS = {  # ranks and targets unlike the warm-up's (every projection, ranks 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory, default_model_path):
-    from helpers.tiny_models import save_tiny_llama
-
     root = tmp_path_factory.mktemp("warmup_llama")
-    model = save_tiny_llama(root / "model", default_model_path, vocab_size=VOCAB, hidden_size=48,
-                            intermediate_size=72, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=256)
-    adapters = {name: make_random_adapter(model, root / name, seed=i, **kw) for i, (name, kw) in enumerate(ADAPTERS.items())}
+    model = save_tiny_gqa_llama(root / "model", default_model_path, max_position_embeddings=256)
+    adapters = {name: make_random_adapter(model, root / name, seed=i, **kw)
+                for i, (name, kw) in enumerate(ADAPTERS.items())}
     return root / "model", adapters
 
 

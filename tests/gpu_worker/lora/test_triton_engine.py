@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from helpers.lora_factory import make_random_adapter
+from helpers.tiny_models import TINY_GQA, save_tiny_gqa_llama
 from services.cli import build_parser
 from services.gpu_worker.engine.config import ConfigError, EngineConfig
 from services.gpu_worker.engine.llm_engine import LLMEngine
 from services.gpu_worker.engine.sequence import SamplingParams
 from services.gpu_worker.lora.triton_backend import TritonLoRABackend
 
-VOCAB = 512
+VOCAB = TINY_GQA["vocab_size"]
 MAX_NEW = 6
 ADAPTERS = {  # name -> LoraConfig kwargs: ranks 2..16, different targets, rsLoRA scaling
     "qv": dict(r=2, target_modules=["q_proj", "v_proj"]),
@@ -26,12 +27,8 @@ ADAPTERS = {  # name -> LoraConfig kwargs: ranks 2..16, different targets, rsLoR
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory, default_model_path):
     """A tiny random GQA Llama (hidden 48, odd intermediate 72) saved as an HF directory, and three adapters."""
-    from helpers.tiny_models import save_tiny_llama
-
     root = tmp_path_factory.mktemp("tiny_llama")
-    model = save_tiny_llama(root / "model", default_model_path, vocab_size=VOCAB, hidden_size=48,
-                            intermediate_size=72, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=128)
+    model = save_tiny_gqa_llama(root / "model", default_model_path)
     adapters = {name: make_random_adapter(model, root / name, seed=i, b_std=0.4 / kw["r"] ** 0.5, **kw)
                 for i, (name, kw) in enumerate(ADAPTERS.items())}
     return root / "model", adapters
