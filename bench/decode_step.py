@@ -143,6 +143,38 @@ def step_bytes(engine, shape: dict, batch: int, rank: int, targets: list[str], k
     return {"weights": weights, "kv": kv, "adapters": adapters}
 
 
+PROFILED_STEPS = 3  # after the timed ones, under torch.profiler
+KERNEL_KINDS = (("lora (triton)", ("_lora_",)), ("attention (triton)", ("_paged_",)),
+                ("gemm", ("gemm", "gemv", "cutlass", "nvjet", "sm90_xmma", "ampere_", "cublas")),
+                ("attention (torch sdpa)", ("flash", "fmha", "attention")))
+
+
+def step_breakdown(engine, device: torch.device, steps: int) -> dict:
+    """Where a decode step's time goes, from torch.profiler over `steps` more steps: per step the device's kernel
+    time (busy), by kind (Triton LoRA, Triton attention, GEMMs, other), and the number of kernels launched. A step
+    much longer than its busy time is bound by the host (Python, launches), not by memory bandwidth. A diagnosis
+    only: its failure is recorded, not raised."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                engine.step()
+            sync(device)
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        by_kind: dict[str, float] = {}
+        for e in kernels:
+            name = e.name.lower()
+            kind = next((k for k, keys in KERNEL_KINDS if any(key.lower() in name for key in keys)), "other")
+            by_kind[kind] = by_kind.get(kind, 0.0) + e.time_range.elapsed_us() / 1e3 / steps
+        return {"steps": steps, "device_busy_ms": sum(by_kind.values()), "device_ms_by_kind": by_kind,
+                "kernels_per_step": len(kernels) / steps}
+    except Exception as exc:  # noqa: BLE001 (the measurement above stands without it)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=list(SHAPES), default="7b")
@@ -175,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         for a in range(args.batch):
             write_adapter(tmp / f"lora{a}", shape, args.rank, targets, seed=a)
         # sequences prefilled early decode while the others prefill: room for those extra tokens too
-        extra = args.batch * args.context // max(2048, args.context) + 2
+        extra = args.batch * args.context // max(2048, args.context) + 2 + PROFILED_STEPS
         total = args.context + args.warmup + args.steps + extra
         kv_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["hidden_size"] \
             // shape["num_attention_heads"] * torch.empty((), dtype=dtype).element_size()
@@ -214,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             if i >= args.warmup:
                 times.append(dt)
                 keys.append(step_keys)
+        progress(NAME, f"profiling {PROFILED_STEPS} more steps (where the step's time goes)")
+        breakdown = step_breakdown(engine, device, steps=PROFILED_STEPS)
         nbytes = step_bytes(engine, shape, args.batch, args.rank, targets, sum(keys) / len(keys))
         bw = copy_bandwidth(device, nbytes=2**30 if device.type == "cuda" else 2**26)
         attention = engine.model.attention_backend
@@ -233,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         "step_ms": {k: (v * 1e3 if v is not None else None) for k, v in step.items()},
         "ratio_p50_to_bound": step["p50"] / bound,
         "target_ratio": 1.3,
+        "breakdown": breakdown,
     }
+    if breakdown.get("device_busy_ms"):  # what the device did vs what the step took: the rest is the host's
+        breakdown["host_only_ms"] = result["step_ms"]["p50"] - breakdown["device_busy_ms"]
     if device.type != "cuda":
         result["note"] = "CPU smoke run (--allow-cpu): not a result"
     out = write_result(NAME, result, args.output)
@@ -241,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
           f"(weights {nbytes['weights'] / 1e9:.2f} GB, KV {nbytes['kv'] / 1e9:.2f} GB, adapters "
           f"{nbytes['adapters'] / 1e9:.2f} GB at {bw / 1e9:.0f} GB/s): {step['p50'] / bound:.2f}x the bound "
           f"(target <= 1.3x); attention {attention}, lora {lora} -> {out}")
+    if breakdown.get("device_busy_ms"):
+        print(f"device busy {breakdown['device_busy_ms']:.2f} ms a step ({breakdown['kernels_per_step']:.0f} kernels): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in sorted(breakdown["device_ms_by_kind"].items())))
     return 0
 
 

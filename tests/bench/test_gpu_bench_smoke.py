@@ -42,6 +42,8 @@ def test_decode_step_smoke_run(tmp_path):
                              "--steps", "2", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["step_ms"]["p50"] > 0 and result["bound_ms"] > 0 and result["config"]["batch"] == 12
+    breakdown = result["breakdown"]  # torch.profiler ran over the extra steps (no device kernels on a CPU)
+    assert "error" not in breakdown and breakdown["steps"] == decode_step.PROFILED_STEPS
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmark runs for real (session.sh kernels)")
