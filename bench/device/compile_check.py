@@ -241,7 +241,7 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def describe(launch: Launch, constexprs: dict) -> dict[str, Any]:
-    """The variant in words: kernel, data dtype (the one floating dtype that is not float32, else float32), constexprs."""
+    """The variant in words: kernel, data dtype (the floating dtype other than float32, else float32), constexprs."""
     floats = {a.dtype for a in launch.args if isinstance(a, torch.Tensor) and a.is_floating_point()}
     params = launch.kernel.params
     return {"kernel": launch.kernel.fn.__name__,

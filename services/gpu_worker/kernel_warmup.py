@@ -5,15 +5,16 @@ attention (bench/device/compile_check.py measures them), and an engine with the 
 variants: each fused group's rank tiles (16, 32 and 64 rows), segment tiles of <= 16 and > 16 tokens, per-token
 decodes, the two attention kernels. Unwarmed, the first requests would pay for them in their time to first token.
 
-`warm_up(engine)` runs synthetic requests that reach every variant: for each rank of TILE_RANKS (up to the engine's
-max_lora_rank, and that rank itself) an adapter on every projection, so each group's stacked rank falls in each of
-its tiles; per adapter a short prompt prefilled alone (16-token segment tiles), then a long one (32-token tiles) next
-to a base-only request, then their decodes (per-token launches). It leaves nothing behind: the adapters are
-unloaded, the requests finish and free their KV blocks. That this covers a real workload rests on the variants
-depending on launch shapes only, never on the batch: the kernels' metadata is laid out so that what Triton
-specializes on (integers equal to 1 or divisible by 16, pointers 16-byte aligned) is the same at every step
-(TritonLoRABackend.prepare, lora_shrink, ModelRunner._block_tables). tests/gpu_worker/lora/test_kernel_warmup.py
-checks it: after warm_up, a mixed workload launches no variant that warm-up did not.
+`warm_up(engine)` runs synthetic requests that reach every variant: for each rank of TILE_RANKS up to the engine's
+max_lora_rank (and that rank, or 64 if larger: wider ranks use the same tiles) an adapter on every projection, so
+each group's stacked rank falls in each of its tiles; per adapter a short prompt prefilled alone (16-token segment
+tiles), then a long one (32-token tiles) next to a base-only request, then their decodes (per-token launches). It
+leaves nothing behind: the adapters are unloaded, the requests finish and free their KV blocks. That this covers a
+real workload rests on the variants depending on launch shapes only, never on the batch: the kernels' metadata is
+laid out so that what Triton specializes on (integers equal to 1 or divisible by 16, pointers 16-byte aligned) is
+the same at every step (TritonLoRABackend.prepare, lora_shrink, ModelRunner._block_tables).
+tests/gpu_worker/lora/test_kernel_warmup.py checks it: after warm_up, a mixed workload launches no variant that
+warm-up did not.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ KERNELS = {
 }
 ADAPTER_PREFIX = "caraserve-warmup-r"
 # With q/k/v stacked (3 parts), gate/up (2) and o, down (1 each), these ranks put every group's stacked rank in each
-# of its rank tiles (<= 16, <= 32, more) that adapters of rank <= 64 can reach; max_lora_rank is added to them.
+# of its rank tiles (<= 16, <= 32, more) that adapters of rank <= max_lora_rank can reach, with max_lora_rank (at
+# most the widest tile, 64) added to them.
 TILE_RANKS = (1, 8, 16, 32, 64)
 SHORT_PROMPT, LONG_PROMPT = 8, 40  # tokens: prefill segments within one 16-token tile, and beyond it
 
@@ -59,7 +61,7 @@ def warm_up(engine, report: Callable[[str], None] = lambda line: None,
     if engine.has_unfinished():
         raise RuntimeError("kernel warm-up needs an idle engine")
     cap = engine.config.max_lora_rank
-    ranks = sorted({r for r in TILE_RANKS if r <= cap} | {cap})
+    ranks = sorted({r for r in TILE_RANKS if r <= cap} | {min(cap, TILE_RANKS[-1])})
     start = time.perf_counter()
     for i, rank in enumerate(ranks):
         if should_stop():

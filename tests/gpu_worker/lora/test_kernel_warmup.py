@@ -93,3 +93,16 @@ def test_warm_up_stops_early_when_told(tiny_llama, device):
     warm_up(engine, report=asked.append, should_stop=lambda: len(asked) >= 1)
     assert len(asked) == 1 and "1/3: rank 1" in asked[0]  # ranks 1, 8, 16: stopped after the first
     assert engine.adapter_names() == [] and not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("cap, ranks", [(256, [1, 8, 16, 32, 64]), (48, [1, 8, 16, 32, 48]), (20, [1, 8, 16, 20]),
+                                        (1, [1])])
+def test_warm_up_ranks_cover_each_tile_up_to_the_cap(tiny_llama, device, cap, ranks):
+    """The adapters' ranks: each tile's up to max_lora_rank, that rank too (an o_proj adapter of rank 48 uses the 64-row
+    tile, which rank 32 does not reach), but nothing past the widest tile (rank 256 adds no variant over 64)."""
+    model_dir, _ = tiny_llama
+    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory_gb=0.02, max_lora_rank=cap,
+                                    device=str(device)))
+    asked = []
+    warm_up(engine, report=asked.append)
+    assert [int(line.split("rank ")[1].split()[0]) for line in asked] == ranks
