@@ -11,8 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_PERF_MODEL = REPO_ROOT / "bench" / "perf_models" / "llama2-7b-gpu-estimate.json"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # a source checkout's root (for the results' git commit)
+# installed with the package (pyproject's package-data), so the default works without the repository too
+DEFAULT_PERF_MODEL = Path(__file__).resolve().parent / "perf_models" / "llama2-7b-gpu-estimate.json"
 PAPER_RPS = 340.0
 
 
@@ -21,8 +22,8 @@ def add_simulate_args(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--workers", type=int, default=60, metavar="N", help="simulated workers (default: 60)")
     cluster.add_argument("--perf-model", metavar="FILE",
                          help="every worker's performance model, a JSON file as written by `caraserve profile` "
-                              "(default: bench/perf_models/llama2-7b-gpu-estimate.json, a documented estimate "
-                              "for Llama-2-7B on an A10G-class GPU with padded kernels)")
+                              "(default: llama2-7b-gpu-estimate.json in services/scheduler/perf_models/, a "
+                              "documented estimate for Llama-2-7B on an A10G-class GPU with padded kernels)")
     cluster.add_argument("--max-running", type=int, default=64, metavar="N",
                          help="requests a worker runs at once (default: 64)")
     cluster.add_argument("--kv-tokens", type=int, default=15000, metavar="N",
