@@ -156,6 +156,10 @@ def _paged_prefill_kernel(
 _INTERPRETED = type(_paged_decode_kernel).__name__ == "InterpretedFunction"
 
 
+def _next_power_of_2(n: int) -> int:  # plain Python: triton.next_power_of_2 costs microseconds a call
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _INTERPRETED
 
@@ -231,8 +235,8 @@ def paged_attention_decode(
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
             out.stride(0), out.stride(1), block_tables.stride(0),
             scale * _LOG2E, block_size,
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)),
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=keys, DOT_F32=_dot_f32(q.dtype),
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, _next_power_of_2(group)),
+            BLOCK_D=max(16, _next_power_of_2(head_dim)), BLOCK_N=keys, DOT_F32=_dot_f32(q.dtype),
         )))
     return out
 
@@ -271,7 +275,7 @@ def paged_attention_prefill(
             out.stride(0), out.stride(1), block_tables.stride(0),
             scale * _LOG2E, block_size,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_M=rows,
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=keys, DOT_F32=_dot_f32(q.dtype),
+            BLOCK_D=max(16, _next_power_of_2(head_dim)), BLOCK_N=keys, DOT_F32=_dot_f32(q.dtype),
         )))
     return out
 

@@ -34,6 +34,7 @@ class TritonLoRABackend:
             raise ValueError(f"launch must be auto, segment or token, got {launch!r}")
         self.pool = pool
         self.launch = launch  # auto picks by mean segment length; the others force a shape (tests, benchmarks)
+        self._checked: set[str] = set()  # groups whose first launch had its arguments checked (VALIDATE_NOTE)
 
     def prepare(self, info: LoRABatchInfo, slots: list[PoolHandle | None],
                 prefill_ranges: list[tuple[int, int]] | None = None) -> None:
@@ -78,6 +79,9 @@ class TritonLoRABackend:
         if max_rank == 0:
             return
         g = self.pool.groups[group]
-        t = lora_shrink(x, g.a[layer], g.row_off, g.rank[layer], step.launch, max_rank)  # [T, max_rank] fp32
+        validate = group not in self._checked
+        t = lora_shrink(x, g.a[layer], g.row_off, g.rank[layer], step.launch, max_rank,
+                        validate=validate)  # [T, max_rank] fp32
         lora_expand(y, t, g.b[layer], g.row_off, g.part_rank[layer], g.part_start[layer], g.part_out,
-                    g.part_width, step.launch, g.max_width, max_rank)
+                    g.part_width, step.launch, g.max_width, max_rank, validate=validate)
+        self._checked.add(group)

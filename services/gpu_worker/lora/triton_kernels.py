@@ -186,6 +186,10 @@ def _lora_expand_token_kernel(
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=n_mask)
 
 
+# VALIDATE_NOTE: the wrappers check every argument (shapes, dtypes, devices, strides, int32 metadata), ~10 us of
+# Python per call; TritonLoRABackend, which launches them for every layer and group of every step with arguments
+# that keep their properties (pool buffers built once, metadata built by its prepare, the model's activations),
+# checks its first call of each group and passes validate=False after it.
 def _check_rows(**tensors: torch.Tensor) -> None:
     # rows may be strided (views into wider buffers), elements within a row must be adjacent: coalesced loads
     for name, t in tensors.items():
@@ -208,48 +212,59 @@ def _precision(dtype: torch.dtype, cast: bool) -> str | None:
     return "ieee" if cast or dtype == torch.float32 else None
 
 
+# Host-side arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are Triton functions whose calls
+# cost microseconds each, and a step launches these kernels for every layer and group.
+def _cdiv(n: int, d: int) -> int:
+    return -(-n // d)
+
+
 def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+    return _cdiv(n, multiple) * multiple
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def _rank_block(max_rank: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(max_rank)))
+    return min(64, max(16, _next_power_of_2(max_rank)))
 
 
 def lora_shrink(
     x: torch.Tensor, a: torch.Tensor, row_off: torch.Tensor, rank: torch.Tensor, launch: LoRALaunch, max_rank: int,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, validate: bool = True,
 ) -> torch.Tensor:
     """t[tok, :rank(e)] = x[tok] · A_eᵀ for every token with an adapter entry e; returns t [T, max_rank] float32.
 
     x: [T, K] (fp16/bf16/fp32); a: [R, K] pool rows, same dtype; row_off, rank: [E] int32; max_rank >= every
     rank of the launched entries (host-known; it sizes the grid). Columns past a token's rank, and rows of
-    base-only tokens, are left unwritten.
+    base-only tokens, are left unwritten. validate=False skips the argument checks (VALIDATE_NOTE).
     """
-    if x.dim() != 2 or a.dim() != 2 or x.shape[1] != a.shape[1]:
-        raise ValueError(f"x [T, K] and a [R, K] expected, got {tuple(x.shape)} and {tuple(a.shape)}")
-    if x.dtype not in _DTYPES or a.dtype != x.dtype or a.device != x.device:
-        raise ValueError(f"x and a must share a dtype in {_DTYPES} and a device, got {x.dtype}, {a.dtype}")
-    _check_rows(x=x, a=a)
-    _check_meta(x.device, row_off=row_off, rank=rank, entries=launch.entries, starts=launch.starts,
-                lengths=launch.lengths)
+    if validate:
+        if x.dim() != 2 or a.dim() != 2 or x.shape[1] != a.shape[1]:
+            raise ValueError(f"x [T, K] and a [R, K] expected, got {tuple(x.shape)} and {tuple(a.shape)}")
+        if x.dtype not in _DTYPES or a.dtype != x.dtype or a.device != x.device:
+            raise ValueError(f"x and a must share a dtype in {_DTYPES} and a device, got {x.dtype}, {a.dtype}")
+        _check_rows(x=x, a=a)
+        _check_meta(x.device, row_off=row_off, rank=rank, entries=launch.entries, starts=launch.starts,
+                    lengths=launch.lengths)
     T, K = x.shape
     if out is None:  # rows 64-byte aligned: coalesced, and one compiled variant whatever max_rank is (a row stride
         # of 1, or a multiple of 16 elements, would each make Triton specialize the kernels anew)
         cols = max(max_rank, 1)
         out = torch.empty(T, _round_up(cols, 16), dtype=torch.float32, device=x.device)[:, :cols]
-    if out.dtype != torch.float32 or out.shape[0] != T or out.shape[1] < max_rank:
+    if validate and (out.dtype != torch.float32 or out.shape[0] != T or out.shape[1] < max_rank):
         raise ValueError(f"out must be float32 [T, >= {max_rank}], got {out.dtype} {tuple(out.shape)}")
     if launch.num_programs == 0 or max_rank == 0 or T == 0:
         return out
     strides = (*x.stride(), *a.stride(), *out.stride())
     if launch.per_token:  # 16-row rank tiles: more programs to stream a few tokens' A matrices in parallel
-        grid = (launch.num_programs, triton.cdiv(max_rank, 16))
+        grid = (launch.num_programs, _cdiv(max_rank, 16))
         _lora_shrink_token_kernel[grid](x, a, out, launch.entries, row_off, rank, K, *strides,
                                         BLOCK_R=16, BLOCK_K=128)
     else:
         block_m, block_r = 16 if launch.max_len <= 16 else 32, _rank_block(max_rank)
-        grid = (launch.num_programs, triton.cdiv(launch.max_len, block_m), triton.cdiv(max_rank, block_r))
+        grid = (launch.num_programs, _cdiv(launch.max_len, block_m), _cdiv(max_rank, block_r))
         cast = interpreting() and x.dtype == torch.bfloat16
         _lora_shrink_kernel[grid](x, a, out, launch.starts, launch.lengths, launch.entries, row_off, rank, K,
                                   *strides, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64, CAST_F32=cast,
@@ -260,7 +275,7 @@ def lora_shrink(
 def lora_expand(
     y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, row_off: torch.Tensor, part_rank: torch.Tensor,
     part_start: torch.Tensor, part_out: torch.Tensor, part_width: torch.Tensor, launch: LoRALaunch,
-    max_width: int, max_rank: int,
+    max_width: int, max_rank: int, validate: bool = True,
 ) -> None:
     """y[tok, part_out[p] + n] += sum_r t[tok, start_ep + r] · b[row_off[e] + start_ep + r, n] (start_ep =
     part_start[e, p]), in place, for every token with an adapter entry e and every part p it targets.
@@ -268,26 +283,28 @@ def lora_expand(
     y: [T, N] (the fused projection output); t: [T, >= max_rank] float32 from lora_shrink; b: [R, >= max_width]
     pool rows of (s·B)ᵀ, y's dtype; part_rank, part_start: [E, P] int32; part_out, part_width: [P] int32;
     max_width = max(part_width) and max_rank >= every stacked rank launched (host-known, for the grid).
+    validate=False skips the argument checks (VALIDATE_NOTE).
     """
-    if y.dim() != 2 or t.dim() != 2 or b.dim() != 2 or t.shape[0] != y.shape[0]:
-        raise ValueError(f"y [T, N], t [T, r], b [R, N] expected, got {tuple(y.shape)}, {tuple(t.shape)}, "
-                         f"{tuple(b.shape)}")
-    if y.dtype not in _DTYPES or b.dtype != y.dtype or t.dtype != torch.float32 or b.device != y.device:
-        raise ValueError(f"y and b must share a dtype in {_DTYPES}, t must be float32; got {y.dtype}, {b.dtype}, "
-                         f"{t.dtype}")
-    _check_rows(y=y, t=t, b=b)
-    if b.shape[1] < max_width or t.shape[1] < max_rank:
-        raise ValueError(f"b must be [R, >= {max_width}] and t [T, >= {max_rank}]")
     parts = part_out.shape[0]
-    if part_rank.shape[1] != parts or part_start.shape != part_rank.shape or part_width.shape[0] != parts:
-        raise ValueError("part_rank/part_start must be [E, P] and part_out/part_width [P]")
-    _check_meta(y.device, row_off=row_off, part_rank=part_rank, part_start=part_start, part_out=part_out,
-                part_width=part_width, entries=launch.entries, starts=launch.starts, lengths=launch.lengths)
+    if validate:
+        if y.dim() != 2 or t.dim() != 2 or b.dim() != 2 or t.shape[0] != y.shape[0]:
+            raise ValueError(f"y [T, N], t [T, r], b [R, N] expected, got {tuple(y.shape)}, {tuple(t.shape)}, "
+                             f"{tuple(b.shape)}")
+        if y.dtype not in _DTYPES or b.dtype != y.dtype or t.dtype != torch.float32 or b.device != y.device:
+            raise ValueError(f"y and b must share a dtype in {_DTYPES}, t must be float32; got {y.dtype}, "
+                             f"{b.dtype}, {t.dtype}")
+        _check_rows(y=y, t=t, b=b)
+        if b.shape[1] < max_width or t.shape[1] < max_rank:
+            raise ValueError(f"b must be [R, >= {max_width}] and t [T, >= {max_rank}]")
+        if part_rank.shape[1] != parts or part_start.shape != part_rank.shape or part_width.shape[0] != parts:
+            raise ValueError("part_rank/part_start must be [E, P] and part_out/part_width [P]")
+        _check_meta(y.device, row_off=row_off, part_rank=part_rank, part_start=part_start, part_out=part_out,
+                    part_width=part_width, entries=launch.entries, starts=launch.starts, lengths=launch.lengths)
     if launch.num_programs == 0 or max_rank == 0 or y.shape[0] == 0:
         return
-    block_n = min(128 if launch.per_token else 64, max(16, triton.next_power_of_2(max_width)))
+    block_n = min(128 if launch.per_token else 64, max(16, _next_power_of_2(max_width)))
     block_r = _rank_block(max_rank)
-    n_tiles = triton.cdiv(max_width, block_n)
+    n_tiles = _cdiv(max_width, block_n)
     strides = (*t.stride(), *b.stride(), *y.stride())
     if launch.per_token:
         grid = (launch.num_programs, parts * n_tiles)
@@ -295,7 +312,7 @@ def lora_expand(
                                         n_tiles, *strides, NUM_PARTS=parts, BLOCK_N=block_n, BLOCK_R=block_r)
     else:
         block_m = 16 if launch.max_len <= 16 else 32
-        grid = (launch.num_programs, triton.cdiv(launch.max_len, block_m), parts * n_tiles)
+        grid = (launch.num_programs, _cdiv(launch.max_len, block_m), parts * n_tiles)
         cast = interpreting() and y.dtype == torch.bfloat16
         _lora_expand_kernel[grid](t, b, y, launch.starts, launch.lengths, launch.entries, row_off, part_rank,
                                   part_start, part_out, part_width, n_tiles, *strides, NUM_PARTS=parts,

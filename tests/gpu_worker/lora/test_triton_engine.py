@@ -13,6 +13,7 @@ from services.cli import build_parser
 from services.gpu_worker.engine.config import ConfigError, EngineConfig
 from services.gpu_worker.engine.llm_engine import LLMEngine
 from services.gpu_worker.engine.sequence import SamplingParams
+from services.gpu_worker.lora import triton_kernels
 from services.gpu_worker.lora.triton_backend import TritonLoRABackend
 
 VOCAB = TINY_GQA["vocab_size"]
@@ -60,7 +61,11 @@ def test_engine_triton_matches_torch(tiny_llama, monkeypatch, device):
         shapes.append(info.kernel_meta.launch.per_token)
 
     monkeypatch.setattr(TritonLoRABackend, "prepare", spy)
+    checked = []  # the kernels' metadata checks: the backend has each group's first launch checked, then skips them
+    check_meta = triton_kernels._check_meta
+    monkeypatch.setattr(triton_kernels, "_check_meta", lambda *a, **k: (checked.append(1), check_meta(*a, **k))[1])
     triton_engine, got = run_engine(model_dir, adapters, "triton", device)
+    assert len(checked) == 2 * 4, "one shrink and one expand checked per group (qkv, o, gate_up, down)"
     assert True in shapes and False in shapes, "both launch shapes ran"
     assert isinstance(triton_engine.model.lora_backend, TritonLoRABackend)
     assert triton_engine.lora_backend == "triton" and torch_engine.lora_backend == "torch"
