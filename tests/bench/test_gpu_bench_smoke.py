@@ -65,3 +65,18 @@ def test_lora_kernels_smoke_run(tmp_path):
     without = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                              env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert without.returncode == 2 and "needs a CUDA GPU" in without.stderr
+
+
+def test_launch_overhead_runs_anywhere(tmp_path):
+    """bench/launch_overhead.py (the kernels stubbed: it needs no GPU) writes each per-call cost and the ratio."""
+    out = tmp_path / "launch.json"
+    script = Path(__file__).resolve().parents[2] / "bench" / "launch_overhead.py"
+    done = subprocess.run([sys.executable, str(script), "--calls", "20", "--repeats", "2", "--output", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["per_call_us"]) == {"lora_pair_checked_us", "lora_pair_unchecked_us", "attention_decode_us",
+                                          "triton_binder_us"}
+    assert all(v > 0 for v in result["per_call_us"].values()) and result["ratio_checked_over_unchecked"] > 0
+    bad = subprocess.run([sys.executable, str(script), "--calls", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--calls" in bad.stderr
