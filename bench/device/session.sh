@@ -11,7 +11,8 @@
 #   tests    the CUDA tests: Triton LoRA kernels and engine, paged attention, cpu-assist auto on CUDA, the PEFT
 #            parity suite in bfloat16, the GPU benchmarks' smoke tests (gpu_tests.log, gpu_tests.xml)
 #   kernels  bench/lora_kernels.py          (lora_kernels.json + png)
-#   decode   bench/decode_step.py           (decode_step.json)
+#   decode   bench/decode_step.py           (decode_step.json) and bench/launch_overhead.py on this host's CPU
+#            (launch_overhead.json): the step against the bandwidth bound, and the Python cost of a launch
 #   cold     bench/cold_start.py            (cold_start.json)
 #   mesh     bench/mesh_overhead.py         (mesh_overhead.json + png)
 #   profile  `caraserve profile` of a Llama-2-7B-shaped model, bfloat16, Triton kernels (perf_model.json); run
@@ -80,7 +81,10 @@ stage_tests() {
 }
 
 stage_kernels() { use_site && $PY bench/lora_kernels.py --output "$OUT/lora_kernels.json"; }
-stage_decode() { use_site && $PY bench/decode_step.py --output "$OUT/decode_step.json"; }
+stage_decode() {
+    use_site && $PY bench/decode_step.py --output "$OUT/decode_step.json" &&
+        $PY bench/launch_overhead.py --repeats 15 --output "$OUT/launch_overhead.json"
+}
 stage_cold() { use_site && $PY bench/cold_start.py --output "$OUT/cold_start.json"; }
 stage_mesh() { use_site && $PY bench/mesh_overhead.py --output "$OUT/mesh_overhead.json"; }
 
