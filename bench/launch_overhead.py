@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from bench.common import git_commit, machine_info, progress, timestamp, write_result  # noqa: E402
 from services.gpu_worker.attention import triton_paged_attention as attention  # noqa: E402
+from services.gpu_worker.kernel_warmup import KERNELS  # noqa: E402
 from services.gpu_worker.lora import triton_kernels as lora  # noqa: E402
 
 NAME = "launch_overhead"
@@ -90,11 +91,8 @@ def measure(calls: int, repeats: int) -> dict[str, float]:
     t = torch.empty(tokens, stacked, dtype=torch.float32)
     args = (x, a, t, launch.entries, row_off, rank, width, *x.stride(), *a.stride(), *t.stride())
 
-    names = [(lora, n) for n in ("_lora_shrink_kernel", "_lora_shrink_token_kernel", "_lora_expand_kernel",
-                                 "_lora_expand_token_kernel")]
-    names += [(attention, n) for n in ("_paged_decode_kernel", "_paged_prefill_kernel")]
-    saved = [(module, n, getattr(module, n)) for module, n in names]
-    for module, n, _ in saved:
+    saved = [(module, n, getattr(module, n)) for module in (lora, attention) for n in KERNELS[module.__name__]]
+    for module, n, _ in saved:  # every kernel of the engine stubbed: nothing runs
         setattr(module, n, _Stub())
     try:
         return per_call_us({

@@ -14,7 +14,7 @@ import torch
 
 from services.gpu_worker.lora.batch_info import LoRABatchInfo
 from services.gpu_worker.lora.gpu_pool import LoRAGpuPool, PoolHandle
-from services.gpu_worker.lora.triton_kernels import LoRALaunch, lora_expand, lora_shrink
+from services.gpu_worker.lora.triton_kernels import LoRALaunch, lora_expand, lora_shrink, round_up
 
 # below this mean segment length (tokens per adapter range) one program per token beats 16-token tiles
 PER_TOKEN_BELOW = 4
@@ -51,7 +51,7 @@ class TritonLoRABackend:
         else:  # [3, N rounded up to 4]: each row a contiguous device view, 16-byte aligned whatever N is (Triton
             # compiles a kernel anew for a pointer that is not)
             rows = [[e for e, _, _ in segs], [s for _, s, _ in segs], [end - s for _, s, end in segs]]
-            host = torch.zeros(3, -(-len(segs) // 4) * 4, dtype=torch.int32)
+            host = torch.zeros(3, round_up(len(segs), 4), dtype=torch.int32)
             host[:, :len(segs)] = torch.tensor(rows, dtype=torch.int32).reshape(3, len(segs))
         dev = self._to_device(host)
         if per_token:

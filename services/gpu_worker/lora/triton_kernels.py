@@ -218,7 +218,7 @@ def _cdiv(n: int, d: int) -> int:
     return -(-n // d)
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return _cdiv(n, multiple) * multiple
 
 
@@ -252,7 +252,7 @@ def lora_shrink(
     if out is None:  # rows 64-byte aligned: coalesced, and one compiled variant whatever max_rank is (a row stride
         # of 1, or a multiple of 16 elements, would each make Triton specialize the kernels anew)
         cols = max(max_rank, 1)
-        out = torch.empty(T, _round_up(cols, 16), dtype=torch.float32, device=x.device)[:, :cols]
+        out = torch.empty(T, round_up(cols, 16), dtype=torch.float32, device=x.device)[:, :cols]
     if validate and (out.dtype != torch.float32 or out.shape[0] != T or out.shape[1] < max_rank):
         raise ValueError(f"out must be float32 [T, >= {max_rank}], got {out.dtype} {tuple(out.shape)}")
     if launch.num_programs == 0 or max_rank == 0 or T == 0:
