@@ -3,7 +3,7 @@
 
 Triton's compiler (Python source -> TTIR -> TTGIR -> LLVM IR -> PTX -> cubin, with the ptxas its wheel ships) needs
 no GPU: only loading a kernel onto one does. This script drives the kernel wrappers (LoRA shrink and expand, paged
-attention decode and prefill) over the launch shapes of the model families we serve and, for each --arch, compiles
+attention decode and prefill, the fused layer ops) over the launch shapes of the model families we serve and, for each --arch, compiles
 each launch's variant instead of running it. The specialization is Triton's own (its binder, as a real launch
 computes it: dtypes, constexprs, integers equal to 1, 16-byte alignment), so what compiles here is what a GPU would
 compile at that launch. A variant that asks for more shared memory than the arch allows one block raises
@@ -45,6 +45,7 @@ from bench.common import git_commit, machine_info, progress, timestamp, write_re
 from services.gpu_worker.attention import triton_paged_attention as attention  # noqa: E402
 from services.gpu_worker.kernel_warmup import KERNELS  # noqa: E402
 from services.gpu_worker.lora import triton_kernels as lora  # noqa: E402
+from services.gpu_worker.model import fused_layer_ops  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
 NAME = "triton_compile"
@@ -160,6 +161,21 @@ def drive_attention(dtype: torch.dtype, shape: Shape) -> None:
                                       block_size, 0.1)
 
 
+def drive_layer_ops(dtype: torch.dtype, shape: Shape) -> None:
+    """The fused layer kernels of `shape`: both RMSNorms (with and without the residual), SiLU·mul, RoPE + cache."""
+    tokens, slots = 8, 64
+    h = torch.zeros(tokens, shape.hidden, dtype=dtype)
+    w = torch.zeros(shape.hidden, dtype=dtype)
+    fused_layer_ops.rms_norm(h, w, 1e-5)
+    fused_layer_ops.rms_norm(h, w, 1e-5, residual=torch.zeros_like(h))
+    fused_layer_ops.silu_mul(torch.zeros(tokens, 2 * shape.intermediate, dtype=dtype))
+    qkv = torch.zeros(tokens, (shape.heads + 2 * shape.kv_heads) * shape.head_dim, dtype=dtype)
+    cos = torch.zeros(256, shape.head_dim)
+    cache = torch.zeros(slots, shape.kv_heads, shape.head_dim, dtype=dtype)
+    index = torch.zeros(tokens, dtype=torch.long)
+    fused_layer_ops.rope_and_cache(qkv, index, cos, cos, cache, cache, index, shape.heads, shape.kv_heads)
+
+
 def cases(name: str) -> list[tuple[str, Callable[[], None]]]:
     """(label, drive) of every wrapper call in the case set `name`."""
     out = []
@@ -171,6 +187,7 @@ def cases(name: str) -> list[tuple[str, Callable[[], None]]]:
                     out.append((f"lora {label} {shape} rank {max_rank} {kind}",
                                 lambda d=dtype, s=SHAPES[shape], r=max_rank, k=kind: drive_lora(d, s, r, k)))
             out.append((f"attention {label} {shape}", lambda d=dtype, s=SHAPES[shape]: drive_attention(d, s)))
+            out.append((f"layer ops {label} {shape}", lambda d=dtype, s=SHAPES[shape]: drive_layer_ops(d, s)))
     return out
 
 

@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-KERNELS = {"_lora_shrink_kernel", "_lora_shrink_token_kernel", "_lora_expand_kernel", "_lora_expand_token_kernel",
-           "_paged_decode_kernel", "_paged_prefill_kernel"}
+
+from services.gpu_worker.kernel_warmup import KERNELS as KERNEL_MODULES
+
+KERNELS = {name for names in KERNEL_MODULES.values() for name in names}
 
 
 def compile_check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict | None]:
@@ -35,7 +37,8 @@ def test_every_kernel_compiles_for_hopper(tmp_path):
     assert {(v["kernel"], v["dtype"]) for v in variants} == {(k, d) for k in KERNELS
                                                             for d in ("bfloat16", "float16", "float32")}
     assert not result["failed"] and all(v["fits"] and "error" not in v for v in variants)
-    assert all(0 < v["shared_bytes"] <= result["shared_limit_bytes"]["sm_90"] for v in variants)
+    assert all(v["shared_bytes"] <= result["shared_limit_bytes"]["sm_90"] for v in variants)
+    assert all(v["shared_bytes"] > 0 for v in variants if "lora" in v["kernel"] or "paged" in v["kernel"])
     # the half-precision kernels the GPU serves with do not spill registers
     assert all(v["spill_bytes"] == 0 for v in variants if v["dtype"] != "float32"), \
         [v for v in variants if v["dtype"] != "float32" and v["spill_bytes"]]

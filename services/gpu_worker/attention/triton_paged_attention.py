@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from services.gpu_worker.lora.triton_kernels import next_power_of_2
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
@@ -156,10 +158,6 @@ def _paged_prefill_kernel(
 _INTERPRETED = type(_paged_decode_kernel).__name__ == "InterpretedFunction"
 
 
-def _next_power_of_2(n: int) -> int:  # plain Python: triton.next_power_of_2 costs microseconds a call
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _INTERPRETED
 
@@ -235,8 +233,8 @@ def paged_attention_decode(
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
             out.stride(0), out.stride(1), block_tables.stride(0),
             scale * _LOG2E, block_size,
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, _next_power_of_2(group)),
-            BLOCK_D=max(16, _next_power_of_2(head_dim)), BLOCK_N=keys, DOT_F32=_dot_f32(q.dtype),
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, next_power_of_2(group)),
+            BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_N=keys, DOT_F32=_dot_f32(q.dtype),
         )))
     return out
 
@@ -275,7 +273,7 @@ def paged_attention_prefill(
             out.stride(0), out.stride(1), block_tables.stride(0),
             scale * _LOG2E, block_size,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_M=rows,
-            BLOCK_D=max(16, _next_power_of_2(head_dim)), BLOCK_N=keys, DOT_F32=_dot_f32(q.dtype),
+            BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_N=keys, DOT_F32=_dot_f32(q.dtype),
         )))
     return out
 

@@ -222,12 +222,12 @@ def round_up(n: int, multiple: int) -> int:
     return _cdiv(n, multiple) * multiple
 
 
-def _next_power_of_2(n: int) -> int:
+def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
 def _rank_block(max_rank: int) -> int:
-    return min(64, max(16, _next_power_of_2(max_rank)))
+    return min(64, max(16, next_power_of_2(max_rank)))
 
 
 def lora_shrink(
@@ -302,7 +302,7 @@ def lora_expand(
                     part_width=part_width, entries=launch.entries, starts=launch.starts, lengths=launch.lengths)
     if launch.num_programs == 0 or max_rank == 0 or y.shape[0] == 0:
         return
-    block_n = min(128 if launch.per_token else 64, max(16, _next_power_of_2(max_width)))
+    block_n = min(128 if launch.per_token else 64, max(16, next_power_of_2(max_width)))
     block_r = _rank_block(max_rank)
     n_tiles = _cdiv(max_width, block_n)
     strides = (*t.stride(), *b.stride(), *y.stride())

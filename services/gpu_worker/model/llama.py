@@ -3,6 +3,9 @@
 Every linear layer runs once over all T tokens of the step (q/k/v fused, gate/up fused), followed by one call of
 the LoRA backend over the adapters' token ranges. Attention is per sequence group: single-token decodes are
 batched over a padded gather of their cached context; prefill chunks attend to their cached context plus themselves.
+The residual stream is carried as (residual, delta): each sublayer's output is added to the residual where the next
+RMSNorm reads it, which on the Triton path (attention_backend "triton") is one fused kernel (model/fused_layer_ops.py,
+with RoPE + the KV cache write and SiLU·mul); the torch path computes the same values op by op and is its twin.
 """
 from __future__ import annotations
 
@@ -59,6 +62,14 @@ class LlamaModel:
         # "torch": SDPA over gathered cache slots (the CPU path and the oracle); "triton": the paged-attention
         # kernels over block tables (services/gpu_worker/attention); the runner builds the matching metadata
         self.attention_backend = attention_backend
+        # the Triton path also fuses the pointwise steps around attention and the GEMMs (model/fused_layer_ops.py):
+        # 3 launches a layer where the torch twins take ~40
+        self.fused = self.paged_attention = None
+        if attention_backend == "triton":  # imported here: triton is not needed (nor loaded) on the torch path
+            from services.gpu_worker.attention import triton_paged_attention
+            from services.gpu_worker.model import fused_layer_ops
+
+            self.fused, self.paged_attention = fused_layer_ops, triton_paged_attention
 
     def lora_part_widths(self) -> dict[str, int]:
         """Output width of each LoRA target inside its fused projection."""
@@ -79,37 +90,69 @@ class LlamaModel:
         """Logits ([S, vocab], float32) at `batch.logits_indices`."""
         w = self.weights
         lora = batch.lora
-        cos = self.cos[batch.positions].to(self.dtype)
-        sin = self.sin[batch.positions].to(self.dtype)
-        h = w.embed[batch.input_ids]  # [T, hidden]
+        rope = self._rope_inputs(batch)
+        residual, delta = w.embed[batch.input_ids], None  # [T, hidden]; the stream is residual + delta
         for i, lw in enumerate(w.layers):
-            x = rms_norm(h, lw.input_norm, self.eps)
+            x, residual = self._add_norm(delta, residual, lw.input_norm)
             qkv = linear(x, lw.qkv, lw.qkv_bias)  # [T, q + 2 kv]
             if lora is not None:
                 self.lora_backend.apply(qkv, x, lora_slots, i, "qkv", lora)
-            q, k, v = qkv.split([self.q_width, self.kv_width, self.kv_width], dim=-1)
-            q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-            k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-            v = v.view(-1, self.num_kv_heads, self.head_dim)
-            k_cache[i, batch.slot_mapping] = k
-            v_cache[i, batch.slot_mapping] = v
+            q, k, v = self._rope_and_cache(qkv, rope, k_cache[i], v_cache[i], batch)
             attn = self._attention(q, k, v, k_cache[i], v_cache[i], batch)  # [T, q_width]
             o = linear(attn, lw.o, lw.o_bias)
             if lora is not None:
                 self.lora_backend.apply(o, attn, lora_slots, i, "o", lora)
-            h = h + o
-            x = rms_norm(h, lw.post_norm, self.eps)
+            x, residual = self._add_norm(o, residual, lw.post_norm)
             gate_up = linear(x, lw.gate_up)
             if lora is not None:
                 self.lora_backend.apply(gate_up, x, lora_slots, i, "gate_up", lora)
-            gate, up = gate_up.split([self.intermediate, self.intermediate], dim=-1)
-            act = F.silu(gate) * up
-            down = linear(act, lw.down)
+            act = self._silu_mul(gate_up)
+            delta = linear(act, lw.down)
             if lora is not None:
-                self.lora_backend.apply(down, act, lora_slots, i, "down", lora)
-            h = h + down
-        last = rms_norm(h[batch.logits_indices], w.norm, self.eps)
+                self.lora_backend.apply(delta, act, lora_slots, i, "down", lora)
+        idx = batch.logits_indices
+        last, _ = self._add_norm(delta[idx], residual[idx], w.norm)
         return linear(last, self.lm_head).float()
+
+    # ---- the layer's pointwise steps: fused Triton kernels on the Triton path, their torch twins otherwise ----
+
+    def _add_norm(self, delta: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor):
+        """(RMSNorm(residual + delta), residual + delta); residual is updated in place on the Triton path."""
+        if self.fused is not None:
+            if delta is None:
+                return self.fused.rms_norm(residual, weight, self.eps), residual
+            return self.fused.rms_norm(delta, weight, self.eps, residual=residual), residual
+        if delta is not None:
+            residual = residual + delta
+        return rms_norm(residual, weight, self.eps), residual
+
+    def _rope_inputs(self, batch: ForwardBatch):
+        if self.fused is not None:  # the kernel reads the float32 tables at the positions itself
+            return None
+        return self.cos[batch.positions].to(self.dtype), self.sin[batch.positions].to(self.dtype)
+
+    def _rope_and_cache(self, qkv: torch.Tensor, rope, k_layer: torch.Tensor, v_layer: torch.Tensor,
+                        batch: ForwardBatch):
+        """q ([T, H, D]) and this step's k, v ([T, KVH, D]; None on the Triton path, whose attention reads them from
+        the cache) after RoPE, with k and v written to the tokens' cache slots."""
+        if self.fused is not None:
+            q = self.fused.rope_and_cache(qkv, batch.positions, self.cos, self.sin, k_layer, v_layer,
+                                          batch.slot_mapping, self.num_heads, self.num_kv_heads)
+            return q, None, None
+        cos, sin = rope
+        q, k, v = qkv.split([self.q_width, self.kv_width, self.kv_width], dim=-1)
+        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        k_layer[batch.slot_mapping] = k
+        v_layer[batch.slot_mapping] = v
+        return q, k, v
+
+    def _silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused.silu_mul(gate_up)
+        gate, up = gate_up.split([self.intermediate, self.intermediate], dim=-1)
+        return F.silu(gate) * up
 
     def _attention(self, q, k, v, k_layer, v_layer, batch: ForwardBatch) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D] (this step's); k_layer, v_layer: [slots, KVH, D] (the cache, already written)
@@ -138,14 +181,17 @@ class LlamaModel:
 
     def _paged_attention(self, q, k_layer, v_layer, batch: ForwardBatch) -> torch.Tensor:
         """The triton backend: prefill chunks and decodes read the cache through the step's block tables."""
-        from services.gpu_worker.attention.triton_paged_attention import paged_attention_decode, paged_attention_prefill
-
+        kernels = self.paged_attention
         out = torch.empty_like(q)  # [T, H, D]: the prefill kernel writes its chunks' rows, the decodes the others
         if (p := batch.paged_prefill) is not None:
-            paged_attention_prefill(q, k_layer, v_layer, p.block_tables, p.query_start, p.query_lens, p.context_lens,
-                                    p.max_query_len, p.block_size, self.scale, out=out)
+            kernels.paged_attention_prefill(q, k_layer, v_layer, p.block_tables, p.query_start, p.query_lens,
+                                            p.context_lens, p.max_query_len, p.block_size, self.scale, out=out)
         if (d := batch.paged_decode) is not None:
-            idx = batch.decode_token_indices
-            out[idx] = paged_attention_decode(q[idx], k_layer, v_layer, d.block_tables, d.context_lens, d.block_size,
-                                              self.scale)
+            if not batch.prefills:  # decodes only: every row is one, in order (ModelRunner.prepare), so no gather
+                kernels.paged_attention_decode(q, k_layer, v_layer, d.block_tables, d.context_lens, d.block_size,
+                                               self.scale, out=out)
+            else:
+                idx = batch.decode_token_indices
+                out[idx] = kernels.paged_attention_decode(q[idx], k_layer, v_layer, d.block_tables, d.context_lens,
+                                                          d.block_size, self.scale)
         return out.view(q.shape[0], -1)

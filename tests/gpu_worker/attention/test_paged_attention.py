@@ -1,8 +1,7 @@
 """Paged-attention kernels vs. their torch twins, and the engine with attention_backend="triton" vs. "torch".
 
-Without CUDA the kernels run in the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 while the kernel module
-is imported, see below). With CUDA the same tests run compiled on the GPU, and the `gpu`-marked one adds a
-Llama-2-7B-shaped comparison.
+Without CUDA the kernels run in the Triton interpreter on CPU tensors (helpers/triton_mode.py). With CUDA the same
+tests run compiled on the GPU, and the `gpu`-marked one adds a Llama-2-7B-shaped comparison.
 
 Tolerances: the kernels are compared with the float32 attention of the same (already rounded) inputs. The dots
 multiply the inputs exactly and accumulate in float32; what differs is (a) the output's rounding to the dtype,
@@ -13,32 +12,15 @@ order over a few hundred keys); a wrong key, block or head moves outputs by O(1)
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-# Triton decides interpreted-or-compiled when a kernel is defined (@triton.jit), so without CUDA TRITON_INTERPRET=1
-# is set while the kernel module is imported (collection time), then restored: other test modules keep their
-# environment. The autouse fixture below sets it again around each test here (the engine's config checks it).
-INTERPRET = (os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
-             or not torch.cuda.is_available())
-_before = os.environ.get("TRITON_INTERPRET")
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from services.gpu_worker.attention import triton_paged_attention as tpa
-finally:
-    if _before is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _before
-assert tpa._INTERPRETED == INTERPRET, "the paged-attention kernels were imported before this module, in the other mode"
+from helpers.triton_mode import DEVICE, INTERPRET, import_kernels, interpreter_env
+from services.gpu_worker.engine.config import ConfigError, EngineConfig
 
-from services.gpu_worker.engine.config import ConfigError, EngineConfig  # noqa: E402
-
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+tpa, = import_kernels("services.gpu_worker.attention.triton_paged_attention")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 # (kv heads, GQA group = heads / kv heads, head_dim, block_size)
@@ -48,8 +30,7 @@ SHAPE_IDS = [f"kvh{k}-g{g}-d{d}-bs{b}" for k, g, d, b in SHAPES]
 
 @pytest.fixture(autouse=True)
 def triton_interpreter(monkeypatch):
-    if INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreter_env(monkeypatch)
 
 
 @pytest.fixture(autouse=True)
@@ -278,6 +259,21 @@ def run_engine(model_dir, backend: str, prompts, dtype: str = "float32", monkeyp
     return [(r.token_ids, [lp.logprob for lp in r.logprobs]) for r in results]
 
 
+def spy_on_fused_layer_ops(monkeypatch) -> dict[str, int]:
+    """Counts of the calls of each fused layer kernel (model/fused_layer_ops.py) from now on."""
+    from services.gpu_worker.model import fused_layer_ops
+
+    calls = {}
+    for name in ("rms_norm", "rope_and_cache", "silu_mul"):
+        calls[name] = 0
+
+        def spy(*args, _name=name, _kernel=getattr(fused_layer_ops, name), **kwargs):
+            calls[_name] += 1
+            return _kernel(*args, **kwargs)
+        monkeypatch.setattr(fused_layer_ops, name, spy)
+    return calls
+
+
 def test_engine_triton_backend_matches_torch(tiny_gqa_llama, monkeypatch):
     g = torch.Generator().manual_seed(6)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (1, 9, 41)]
@@ -294,8 +290,10 @@ def test_engine_triton_backend_matches_torch(tiny_gqa_llama, monkeypatch):
 
     monkeypatch.setattr(tpa, "paged_attention_prefill", prefill_spy)
     monkeypatch.setattr(tpa, "paged_attention_decode", decode_spy)
+    fused_calls = spy_on_fused_layer_ops(monkeypatch)
     got = run_engine(tiny_gqa_llama, "triton", prompts)
     assert seen["prefill_context"] >= 24 and seen["decodes"] > 0, f"the kernels did not see it all: {seen}"
+    assert all(fused_calls.values()), f"the fused layer kernels did not all run: {fused_calls}"
     monkeypatch.undo()
     want = run_engine(tiny_gqa_llama, "torch", prompts)
     for (tokens, lps), (want_tokens, want_lps) in zip(got, want):
