@@ -78,5 +78,13 @@ def test_launch_overhead_runs_anywhere(tmp_path):
     assert set(result["per_call_us"]) == {"lora_pair_checked_us", "lora_pair_unchecked_us", "attention_decode_us",
                                           "triton_binder_us"}
     assert all(v > 0 for v in result["per_call_us"].values()) and result["ratio_checked_over_unchecked"] > 0
+    # the decode step of the 7B's structure: 32 layers' GEMMs (4 each, and the lm_head) either way; the fused path
+    # launches 5 layer kernels a layer (and the last norm) where the unfused one runs ~30 torch ops; 2 LoRA groups
+    step = result["decode_step_host"]
+    fused, unfused = step["fused"], step["unfused"]
+    assert fused["gemms"] == unfused["gemms"] == 4 * 32 + 1
+    assert fused["triton_launches"] == 32 * (5 + 4) + 1 and unfused["triton_launches"] == 32 * (1 + 4)
+    assert unfused["torch_ops"] > 25 * 32 > fused["torch_ops"]
+    assert fused["host_ms"] > 0 and result["ratio_unfused_over_fused_host"] > 0
     bad = subprocess.run([sys.executable, str(script), "--calls", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--calls" in bad.stderr

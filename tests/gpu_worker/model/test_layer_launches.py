@@ -2,7 +2,7 @@
 
 On a GPU every launch costs host time (~5-10 us for a torch op, more for a Triton kernel), and a decode step of a
 7B model is a few milliseconds of memory traffic: the count per layer decides whether the host keeps up. Counted
-here by a dispatch mode and by wrapping the Triton kernels (helpers/device_ops.py), the difference between models
+here by a dispatch mode and by wrapping the Triton kernels (bench/device_ops.py), the difference between models
 of 3 and 2 layers being one layer's share. Interpreted on the CPU without CUDA, compiled on a GPU: the counts are
 the same.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.device_ops import DeviceOps
+from bench.device_ops import DeviceOps
 from helpers.lora_factory import make_random_adapter
 from helpers.tiny_models import save_tiny_gqa_llama
 from helpers.triton_mode import DEVICE, import_kernels, interpreter_env
@@ -39,7 +39,7 @@ def models(tmp_path_factory, default_model_path):
     return out
 
 
-def decode_step_ops(model_dir, adapter_dir, backend: str, monkeypatch) -> DeviceOps:
+def decode_step_ops(model_dir, adapter_dir, backend: str) -> DeviceOps:
     """The device work of one decode-only step of 4 sequences, 2 of them with an adapter on every projection."""
     engine = LLMEngine(EngineConfig(model=str(model_dir), device=DEVICE.type, kv_cache_memory_gb=0.02,
                                     lora_backend=backend, attention_backend=backend))
@@ -48,22 +48,22 @@ def decode_step_ops(model_dir, adapter_dir, backend: str, monkeypatch) -> Device
     for i in range(4):
         engine.add_request(f"r{i}", [5 + i, 7, 9, 11], params, adapter="a" if i % 2 else None)
     engine.step()  # the prefills (and the first tokens)
-    with monkeypatch.context() as patch, DeviceOps(patch) as ops:
+    with DeviceOps() as ops:
         engine.step()  # decodes only
     while engine.has_unfinished():
         engine.step()
     return ops
 
 
-def per_layer(models, backend: str, monkeypatch) -> tuple[dict, dict]:
+def per_layer(models, backend: str) -> tuple[dict, dict]:
     """(torch ops, Triton launches) of one layer in a decode step: 3 layers' counts minus 2 layers'."""
-    three = decode_step_ops(*models[3], backend, monkeypatch)
-    two = decode_step_ops(*models[2], backend, monkeypatch)
+    three = decode_step_ops(*models[3], backend)
+    two = decode_step_ops(*models[2], backend)
     return dict(three.torch_ops - two.torch_ops), dict(three.triton - two.triton)
 
 
-def test_a_layer_of_a_decode_step_on_the_triton_path(models, monkeypatch):
-    torch_ops, triton = per_layer(models, "triton", monkeypatch)
+def test_a_layer_of_a_decode_step_on_the_triton_path(models):
+    torch_ops, triton = per_layer(models, "triton")
     # the four GEMMs of the base model, nothing else from torch
     assert sum(torch_ops.values()) == 4, torch_ops
     # two norms (the residual adds folded in), RoPE with the cache write, attention, SiLU·mul, and a shrink and an
@@ -72,7 +72,7 @@ def test_a_layer_of_a_decode_step_on_the_triton_path(models, monkeypatch):
                       "_silu_mul_kernel": 1, "_lora_shrink_token_kernel": 4, "_lora_expand_token_kernel": 4}
 
 
-def test_the_torch_path_takes_several_times_more(models, monkeypatch):
-    torch_ops, triton = per_layer(models, "torch", monkeypatch)
+def test_the_torch_path_takes_several_times_more(models):
+    torch_ops, triton = per_layer(models, "torch")
     assert not triton
     assert sum(torch_ops.values()) > 3 * 17, torch_ops  # the Triton path's 17 (test above)
