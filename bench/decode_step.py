@@ -10,7 +10,9 @@ The bound: a decode step must read every weight once (the lm_head included; of t
 rows), every sequence's K and V over its context, and every adapter's A and B for every layer; the bytes over the
 device's copy bandwidth measured in the same run (a device-to-device copy of 1 GiB, counted as read + write) is
 the time no implementation can beat. Target (issue 4): step time <= 1.3x the bound. Reported: step time
-p50/mean/min, the bound and its parts (weights, KV, adapters), the ratio.
+p50/mean/min, the bound and its parts (weights, KV, adapters), the ratio. Steps run as the engine runs them: on a
+GPU as CUDA graphs (engine/decode_graphs.py); then as many are timed launched op by op (`eager_step_ms`), the
+graphs' gain measured in the same run.
 
 Output: JSON (default bench/results/decode_step.json) with machine info, git commit, config and timestamp.
 Needs CUDA: without it the script exits with a message (--allow-cpu --shape tiny is a smoke run of the code only).
@@ -175,6 +177,24 @@ def step_breakdown(engine, device: torch.device, steps: int) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def timed_steps(engine, device: torch.device, batch: int, warmup: int, steps: int) -> tuple[list[float], list[int]]:
+    """Seconds of each of `steps` decode steps after `warmup` untimed ones, and the keys each attended over."""
+    times, keys = [], []
+    for i in range(warmup + steps):
+        step_keys = sum(len(seq.token_ids) for seq in engine._seqs.values())  # each query sees all its tokens
+        sync(device)
+        t0 = time.perf_counter()
+        outs = engine.step()  # ends in the step's one host sync (.tolist() of the sampled ids)
+        sync(device)
+        dt = time.perf_counter() - t0
+        if len(outs) != batch:
+            raise RuntimeError(f"step {i} decoded {len(outs)} sequences, not {batch}")
+        if i >= warmup:
+            times.append(dt)
+            keys.append(step_keys)
+    return times, keys
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=list(SHAPES), default="7b")
@@ -185,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
+    ap.add_argument("--cuda-graphs", default="auto", choices=("auto", "off"),
+                    help="decode steps as CUDA graphs (auto: on a GPU with the triton backends); with graphs, as many "
+                         "steps are then timed without them, in the same run")
     ap.add_argument("--allow-cpu", action="store_true", help="run without CUDA (a smoke run of the code, no result)")
     ap.add_argument("--output", help=f"JSON path (default {result_path(NAME)})")
     args = ap.parse_args(argv)
@@ -208,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             write_adapter(tmp / f"lora{a}", shape, args.rank, targets, seed=a)
         # sequences prefilled early decode while the others prefill: room for those extra tokens too
         extra = args.batch * args.context // max(2048, args.context) + 2 + PROFILED_STEPS
-        total = args.context + args.warmup + args.steps + extra
+        total = args.context + args.warmup + 2 * args.steps + extra
         kv_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["hidden_size"] \
             // shape["num_attention_heads"] * torch.empty((), dtype=dtype).element_size()
         config = EngineConfig(
@@ -217,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_batched_tokens=max(2048, args.context),
             # every sequence's blocks (rounded up to whole blocks of 16), one spare each
             kv_cache_memory_gb=args.batch * ((total + 15) // 16 + 1) * 16 * kv_token / 2**30,
-            attention_backend=args.attention_backend,
+            attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs,
         )
         progress(NAME, "loading the engine")
         engine = LLMEngine(config)
@@ -225,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         for a in range(args.batch):
             engine.load_adapter(f"lora{a}", tmp / f"lora{a}")
         gen = torch.Generator().manual_seed(1)
-        params = SamplingParams(max_tokens=args.warmup + args.steps + extra, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=args.warmup + 2 * args.steps + extra, temperature=0.0, ignore_eos=True)
         for a in range(args.batch):
             prompt = torch.randint(3, shape["vocab_size"], (args.context,), generator=gen).tolist()
             engine.add_request(f"r{a}", prompt, params, adapter=f"lora{a}")
@@ -233,19 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         started: set[str] = set()
         while len(started) < args.batch:  # every sequence has sampled its first token: from now on, decodes only
             started.update(out.request_id for out in engine.step() if out.new_token_ids)
-        times, keys = [], []
-        for i in range(args.warmup + args.steps):
-            step_keys = sum(len(seq.token_ids) for seq in engine._seqs.values())  # each query sees all its tokens
-            sync(device)
-            t0 = time.perf_counter()
-            outs = engine.step()  # ends in the step's one host sync (.tolist() of the sampled ids)
-            sync(device)
-            dt = time.perf_counter() - t0
-            if len(outs) != args.batch:
-                raise RuntimeError(f"step {i} decoded {len(outs)} sequences, not {args.batch}")
-            if i >= args.warmup:
-                times.append(dt)
-                keys.append(step_keys)
+        graphs = engine.runner.decode_graphs
+        times, keys = timed_steps(engine, device, args.batch, args.warmup, args.steps)
+        eager_times = None
+        if graphs is not None:  # the same steps launched op by op: what the graphs save
+            engine.runner.decode_graphs = None
+            eager_times, _ = timed_steps(engine, device, args.batch, 1, args.steps)
+            engine.runner.decode_graphs = graphs
         progress(NAME, f"profiling {PROFILED_STEPS} more steps (where the step's time goes)")
         breakdown = step_breakdown(engine, device, steps=PROFILED_STEPS)
         nbytes = step_bytes(engine, shape, args.batch, args.rank, targets, sum(keys) / len(keys))
@@ -260,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": NAME, "timestamp": timestamp(), "machine": machine_info(), "git": git_commit(),
         "config": {"shape": args.shape, **shape, "dtype": str(dtype), "batch": args.batch, "rank": args.rank,
                    "targets": targets, "context": args.context, "warmup": args.warmup, "steps": args.steps,
-                   "attention_backend": attention, "lora_backend": lora},
+                   "attention_backend": attention, "lora_backend": lora, "cuda_graphs": graphs is not None},
         "copy_bandwidth_gb_s": bw / 1e9,
         "bytes_per_step": {**nbytes, "total": sum(nbytes.values())},
         "bound_ms": bound * 1e3,
@@ -269,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         "target_ratio": 1.3,
         "breakdown": breakdown,
     }
+    if eager_times is not None:  # the same decode steps without graphs, measured after them in this run
+        eager = summarize(eager_times)
+        result["eager_step_ms"] = {k: (v * 1e3 if v is not None else None) for k, v in eager.items()}
+        result["ratio_eager_over_graphs_p50"] = eager["p50"] / step["p50"]
     if breakdown.get("device_busy_ms"):  # what the device did vs what the step took: the rest is the host's
         breakdown["host_only_ms"] = result["step_ms"]["p50"] - breakdown["device_busy_ms"]
     if device.type != "cuda":

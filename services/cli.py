@@ -44,6 +44,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attention-backend", choices=("auto", "torch", "triton"),
                        help="attention over the paged KV cache: Triton kernels or the torch SDPA path "
                             "(default: auto = triton on CUDA, torch on CPU)")
+    group.add_argument("--cuda-graphs", choices=("auto", "off"),
+                       help="replay decode-only steps as CUDA graphs, one launch instead of hundreds a step "
+                            "(default: auto = on CUDA with the triton backends and --cpu-assist off)")
     group.add_argument("--cpu-assist", choices=("off", "auto", "always"),
                        help="CPU-assisted prefill: 'auto' (on a GPU) starts a cold adapter's prefill at once while its "
                             "layers load to the GPU by groups, the LoRA deltas of layers not yet loaded computed by "

@@ -41,8 +41,8 @@ READY_TIMEOUT = 600.0  # default --ready-timeout: the first gpu_worker loads the
 POLL_INTERVAL = 0.2
 # Engine flags passed through to gpu_worker and adapter_store (none of them secret).
 _ENGINE_FLAGS = ("model", "served_model_name", "dtype", "device", "max_lora_rank", "max_loras", "max_num_seqs",
-                 "max_num_batched_tokens", "attention_backend", "lora_backend", "cpu_assist", "cpu_workers",
-                 "threads")
+                 "max_num_batched_tokens", "attention_backend", "lora_backend", "cuda_graphs", "cpu_assist",
+                 "cpu_workers", "threads")
 # MeshConfig fields `up` does not hand to its children as they are: NATS is ours, worker ids are per worker.
 _NOT_PASSED = ("nats_url", "nats_port", "worker_id")
 _NATS_PASSWORD_ENV = "CARASERVE_UP_NATS_PASSWORD"  # the NATS child's password (environment, not argv)

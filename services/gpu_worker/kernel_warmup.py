@@ -14,7 +14,7 @@ real workload rests on the variants depending on launch shapes only, never on th
 laid out so that what Triton specializes on (integers equal to 1 or divisible by 16, pointers 16-byte aligned) is
 the same at every step (TritonLoRABackend.prepare, lora_shrink, ModelRunner._block_tables).
 tests/gpu_worker/lora/test_kernel_warmup.py checks it: after warm_up, a mixed workload launches no variant that
-warm-up did not.
+warm-up did not. With decode graphs on (engine/decode_graphs.py), warm-up ends by capturing every batch bucket's.
 """
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ def warm_up(engine, report: Callable[[str], None] = lambda line: None,
         adapter = engine.register_adapter(random_adapter(engine, rank, seed=rank, name=f"{ADAPTER_PREFIX}{rank}"))
         _run_requests(engine, adapter.name)
         engine.unload_adapter(adapter.name)
+    graphs = engine.runner.decode_graphs
+    if graphs is not None and not should_stop():  # decode steps of every batch bucket, captured now rather than
+        graphs.capture_all(report)                # in some request's step
     seconds = time.perf_counter() - start
     log.info("kernel warm-up: %d adapter ranks in %.1f s", len(ranks), seconds)
     return seconds

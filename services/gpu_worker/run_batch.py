@@ -230,8 +230,8 @@ def build_engine(args: argparse.Namespace, should_stop: Callable[[], bool] = lam
     from shared.model_provisioning import ModelNotFoundError
 
     names = ("model", "served_model_name", "dtype", "device", "data_dir", "max_lora_rank", "max_loras",
-             "max_num_seqs", "max_num_batched_tokens", "attention_backend", "lora_backend", "cpu_assist",
-             "cpu_workers")
+             "max_num_seqs", "max_num_batched_tokens", "attention_backend", "lora_backend", "cuda_graphs",
+             "cpu_assist", "cpu_workers")
     settings = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if getattr(args, "threads", None) is not None:
         settings["num_threads"] = args.threads

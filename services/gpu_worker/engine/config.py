@@ -47,6 +47,9 @@ class EngineConfig:
     # `cpu_workers` spawned by the engine, plus `caraserve serve cpu_prefill` processes joining through
     # <data_dir>/run/cpu_prefill/ (0: only those; until one joins, prefills take the device path)
     cpu_assist: str = "off"
+    # auto | off: replay decode-only steps as CUDA graphs (decode_graphs.py). auto: on CUDA with both backends triton
+    # and cpu_assist off (its wrapper around the LoRA backend is not captured); off: every step launched op by op
+    cuda_graphs: str = "auto"
     cpu_workers: int = 2
     host_cache_gb: float = 4.0
 
@@ -66,6 +69,8 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
         if self.cpu_assist not in ("off", "auto", "always"):
             raise ConfigError(f"cpu_assist must be off, auto or always, got {self.cpu_assist!r}")
+        if self.cuda_graphs not in ("auto", "off"):
+            raise ConfigError(f"cuda_graphs must be auto or off, got {self.cuda_graphs!r}")
         if self.cpu_workers < 0:
             raise ConfigError(f"cpu_workers must be >= 0, got {self.cpu_workers}")
         if self.host_cache_gb <= 0:
@@ -101,6 +106,11 @@ class EngineConfig:
                 return "torch"
             return "triton"
         return self.lora_backend
+
+    def resolved_cuda_graphs(self) -> bool:
+        """Whether decode-only steps replay as CUDA graphs ('auto' resolved)."""
+        return (self.cuda_graphs == "auto" and self.torch_device().type == "cuda" and self.cpu_assist == "off"
+                and self.resolved_lora_backend() == "triton" and self.resolved_attention_backend() == "triton")
 
     def resolved_attention_backend(self) -> str:
         """'torch' or 'triton': the attention backend the engine runs ('auto' resolved on the device)."""

@@ -126,6 +126,11 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, self.adapters, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.adapters.slots)
+        if config.resolved_cuda_graphs():  # captured lazily per batch bucket, or all at once by kernel warm-up
+            from services.gpu_worker.engine.decode_graphs import DecodeGraphs
+
+            self.runner.decode_graphs = DecodeGraphs(self.runner, config.max_num_seqs, self.max_model_len,
+                                                     capture=True)
         self.eos_ids = self._eos_ids()
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}

@@ -2,7 +2,8 @@
 
 `run(batch)` lays the scheduled sequences out as a `ForwardBatch` (grouped by adapter slot), runs the forward
 pass and samples one token for each sequence whose fed tokens reach its end. The only host sync of a step is the
-`.tolist()` of the sampled ids (and of logprobs when asked).
+`.tolist()` of the sampled ids (and of logprobs when asked). Decode-only steps go through `decode_graphs` when the
+engine set it (decode_graphs.py: CUDA graphs over static buffers).
 """
 from __future__ import annotations
 
@@ -22,11 +23,15 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = model.device
-        shape = (model.num_layers, num_blocks * block_size, model.num_kv_heads, model.head_dim)
+        # one block more than the BlockManager hands out: the scratch block, where the padding rows of a decode
+        # graph's batch write their k/v (decode_graphs.py); no sequence ever owns it
+        self.scratch_block = num_blocks
+        shape = (model.num_layers, (num_blocks + 1) * block_size, model.num_kv_heads, model.head_dim)
         self.k_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)
         self.lora_slots = lora_slots  # shared with the AdapterCache, which fills and empties the slots
         self.paged = model.attention_backend == "triton"  # block tables for the kernels, not padded slot lists
+        self.decode_graphs = None  # a DecodeGraphs, set by the engine when config.cuda_graphs is on
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -122,10 +127,15 @@ class ModelRunner:
 
     def run(self, sched: ScheduledBatch) -> dict[int, tuple[int, TokenLogprob | None]]:
         """Run one step; return {index into sched.seqs: (sampled token id, its logprob info)}."""
-        batch, samplers = self.prepare(sched)
-        logits = self.model.forward(batch, self.k_cache, self.v_cache, self.lora_slots)
-        if not samplers:
-            return {}
+        bucket = None if self.decode_graphs is None else self.decode_graphs.bucket_for(sched)
+        if bucket is not None:  # decodes only: every sequence samples, in sched order
+            logits = self.decode_graphs.run(sched, bucket)
+            samplers = list(range(len(sched.seqs)))
+        else:
+            batch, samplers = self.prepare(sched)
+            logits = self.model.forward(batch, self.k_cache, self.v_cache, self.lora_slots)
+            if not samplers:
+                return {}
         seqs = [sched.seqs[j] for j in samplers]
         ids, logprobs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         return {j: (ids[r], logprobs[r]) for r, j in enumerate(samplers)}
