@@ -46,7 +46,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "(default: auto = triton on CUDA, torch on CPU)")
     group.add_argument("--cuda-graphs", choices=("auto", "off"),
                        help="replay decode-only steps as CUDA graphs, one launch instead of hundreds a step "
-                            "(default: auto = on CUDA with the triton backends and --cpu-assist off)")
+                            "(default: auto = on CUDA with the triton backends)")
     group.add_argument("--cpu-assist", choices=("off", "auto", "always"),
                        help="CPU-assisted prefill: 'auto' (on a GPU) starts a cold adapter's prefill at once while its "
                             "layers load to the GPU by groups, the LoRA deltas of layers not yet loaded computed by "

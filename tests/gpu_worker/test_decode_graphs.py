@@ -40,11 +40,11 @@ def tiny_llama(tmp_path_factory, default_model_path):
                             for i, (name, kw) in enumerate(ADAPTERS.items())}
 
 
-def make_engine(model_dir, adapters, graphs: bool) -> LLMEngine:
+def make_engine(model_dir, adapters, graphs: bool, **config) -> LLMEngine:
     engine = LLMEngine(EngineConfig(model=str(model_dir), device=DEVICE.type, kv_cache_memory_gb=0.02, block_size=8,
                                     max_loras=3, max_lora_rank=16, max_num_seqs=6, max_num_batched_tokens=40,
                                     lora_backend="triton", attention_backend="triton",
-                                    cuda_graphs="auto" if graphs else "off"))
+                                    cuda_graphs="auto" if graphs else "off", **config))
     if graphs and engine.runner.decode_graphs is None:  # no CUDA: the static path, eagerly
         engine.runner.decode_graphs = decode_graphs.DecodeGraphs(engine.runner, 6, engine.max_model_len,
                                                                  capture=False)
@@ -52,6 +52,13 @@ def make_engine(model_dir, adapters, graphs: bool) -> LLMEngine:
     for name, path in adapters.items():
         engine.load_adapter(name, path)
     return engine
+
+
+def record_runs(graphs) -> list[tuple[int, int]]:
+    """(sequences, bucket) of each step `graphs` runs from now on."""
+    runs, original = [], graphs.run
+    graphs.run = lambda sched, bucket: (runs.append((len(sched.seqs), bucket)), original(sched, bucket))[1]
+    return runs
 
 
 def run(engine, requests):
@@ -72,9 +79,7 @@ def test_decode_steps_through_the_graph_path_give_the_engines_results(tiny_llama
 
     engine = make_engine(model_dir, adapters, graphs=True)
     graphs = engine.runner.decode_graphs
-    buckets = []
-    original = graphs.run
-    graphs.run = lambda sched, bucket: (buckets.append((len(sched.seqs), bucket)), original(sched, bucket))[1]
+    buckets = record_runs(graphs)
     k_scratch = engine.runner.k_cache[:, engine.runner.scratch_block * 8:]
     k_scratch.fill_(float("nan"))  # a sequence that read the scratch block would turn NaN
     got = run(engine, requests)
@@ -85,6 +90,29 @@ def test_decode_steps_through_the_graph_path_give_the_engines_results(tiny_llama
         assert max(abs(a - b) for a, b in zip(lps, want_lps)) < 1e-4
     assert not k_scratch[:, 0].isnan().any()  # the padding rows wrote their k/v to the scratch slot
     assert len({t for tokens, _ in got for t in tokens}) > 3
+
+
+def test_with_cpu_assist_the_graphs_run_the_triton_backend_inside_it(tiny_llama, tmp_path):
+    """cpu_assist wraps the model's LoRA backend; decodes through the graphs use the Triton backend it wraps, the
+    prefills the workers, and the results are the engine's without graphs."""
+    model_dir, adapters = tiny_llama
+    g = torch.Generator().manual_seed(4)
+    requests = [(name, torch.randint(3, VOCAB, (n,), generator=g).tolist())
+                for name, n in [("r16-all", 9), (None, 5), ("r8-mlp", 12)]]
+    want = run(make_engine(model_dir, adapters, graphs=False), requests)
+    engine = make_engine(model_dir, adapters, graphs=True, cpu_assist="always", cpu_workers=1,
+                         data_dir=str(tmp_path))
+    try:
+        wrapper = engine.model.lora_backend
+        assert engine.runner.decode_graphs.lora_backend is wrapper.inner
+        runs = record_runs(engine.runner.decode_graphs)
+        got = run(engine, requests)
+        assert runs and engine.model.lora_backend is wrapper and wrapper.cpu_ranges > 0  # prefills on the workers
+    finally:
+        engine.close()
+    for (tokens, lps), (want_tokens, want_lps) in zip(got, want):
+        assert tokens == want_tokens
+        assert max(abs(a - b) for a, b in zip(lps, want_lps)) < 1e-4
 
 
 def test_what_takes_the_graph_path(tiny_llama):
@@ -117,9 +145,9 @@ def test_cuda_graphs_setting(monkeypatch):
     from services.cli import build_parser
 
     assert build_parser().parse_args(["run-batch", "-i", "x", "-o", "y", "--cuda-graphs", "off"]).cuda_graphs == "off"
-    if not INTERPRET:  # on CUDA: auto turns them on with the triton backends, not with CPU assist
+    if not INTERPRET:  # on CUDA: auto turns them on with the triton backends
         assert EngineConfig(device="cuda").resolved_cuda_graphs()
-        assert not EngineConfig(device="cuda", cpu_assist="auto").resolved_cuda_graphs()
+        assert EngineConfig(device="cuda", cpu_assist="auto").resolved_cuda_graphs()
         assert not EngineConfig(device="cuda", lora_backend="torch").resolved_cuda_graphs()
 
 

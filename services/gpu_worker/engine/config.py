@@ -47,8 +47,8 @@ class EngineConfig:
     # `cpu_workers` spawned by the engine, plus `caraserve serve cpu_prefill` processes joining through
     # <data_dir>/run/cpu_prefill/ (0: only those; until one joins, prefills take the device path)
     cpu_assist: str = "off"
-    # auto | off: replay decode-only steps as CUDA graphs (decode_graphs.py). auto: on CUDA with both backends triton
-    # and cpu_assist off (its wrapper around the LoRA backend is not captured); off: every step launched op by op
+    # auto | off: replay decode-only steps as CUDA graphs (decode_graphs.py). auto: on CUDA with both backends triton;
+    # off: every step launched op by op
     cuda_graphs: str = "auto"
     cpu_workers: int = 2
     host_cache_gb: float = 4.0
@@ -109,7 +109,7 @@ class EngineConfig:
 
     def resolved_cuda_graphs(self) -> bool:
         """Whether decode-only steps replay as CUDA graphs ('auto' resolved)."""
-        return (self.cuda_graphs == "auto" and self.torch_device().type == "cuda" and self.cpu_assist == "off"
+        return (self.cuda_graphs == "auto" and self.torch_device().type == "cuda"
                 and self.resolved_lora_backend() == "triton" and self.resolved_attention_backend() == "triton")
 
     def resolved_attention_backend(self) -> str:

@@ -21,7 +21,8 @@ the forward pass reads the device on the host, and every shape is the bucket's, 
 interpreter, against ModelRunner's own path. Graphs are made with `capture=True` on CUDA only, each bucket after two
 eager runs of it (Triton compiles its variants and cuBLAS picks its kernels outside the capture), all buckets
 sharing one memory pool. Used by ModelRunner when the engine's `cuda_graphs` is on (EngineConfig: auto = on CUDA with
-the Triton backends and without CPU assist, whose loads the decode kernels would have to wait for).
+the Triton backends). With CPU assist on, a step first makes the device wait for any pipelined load of its adapters
+(the assist backend's on_device hook, as its own prepare does for decodes), then replays.
 """
 from __future__ import annotations
 
@@ -50,9 +51,13 @@ class DecodeGraphs:
         model = runner.model
         if model.attention_backend != "triton":
             raise ValueError("decode graphs need the triton attention backend (block tables, no host reads)")
-        if not isinstance(model.lora_backend, TritonLoRABackend):
+        # with CPU assist on, the model's LoRA backend wraps the Triton one; decodes are the inner backend's, once
+        # their adapter's pipelined load has completed on the device (its on_device hook, called before each step)
+        self.lora_backend = getattr(model.lora_backend, "inner", model.lora_backend)
+        self.on_device = getattr(model.lora_backend, "on_device", None)
+        if not isinstance(self.lora_backend, TritonLoRABackend):
             raise ValueError("decode graphs need the triton LoRA backend (device pool, per-token launches), not "
-                             f"{type(model.lora_backend).__name__}")
+                             f"{type(self.lora_backend).__name__}")
         self.runner = runner
         self.buckets = batch_buckets(max_batch)
         self.capture = capture
@@ -65,7 +70,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=dev)
         self.context_lens = torch.ones(rows, dtype=torch.int32, device=dev)
         self.entries = torch.full((rows,), -1, dtype=torch.int32, device=dev)
-        pool = model.lora_backend.pool
+        pool = self.lora_backend.pool
         # each group's largest stacked rank the pool can hold: the grids fit any adapters the step has
         self.max_rank = {g: pool.max_lora_rank * len(gp.widths) for g, gp in pool.groups.items()}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -87,6 +92,9 @@ class DecodeGraphs:
     def run(self, sched: ScheduledBatch, bucket: int) -> torch.Tensor:
         """Logits [n, vocab] (float32) of a decode-only step (bucket = bucket_for(sched)): the step's metadata into the
         static buffers, then the bucket's graph (or, with capture off, the same forward eagerly)."""
+        if self.on_device is not None:  # a load under way completes (on the device stream) before its decodes
+            for slot in sorted({seq.adapter_slot for seq in sched.seqs if seq.adapter_slot is not None}):
+                self.on_device(slot)
         self._fill(sched, bucket)
         if not self.capture:
             return self._forward(bucket)[: len(sched.seqs)]
@@ -142,8 +150,12 @@ class DecodeGraphs:
         return batch
 
     def _forward(self, bucket: int) -> torch.Tensor:
-        runner = self.runner
-        return runner.model.forward(self._batch(bucket), runner.k_cache, runner.v_cache, runner.lora_slots)
+        runner, model = self.runner, self.runner.model
+        outer, model.lora_backend = model.lora_backend, self.lora_backend  # the Triton backend itself (see __init__)
+        try:
+            return model.forward(self._batch(bucket), runner.k_cache, runner.v_cache, runner.lora_slots)
+        finally:
+            model.lora_backend = outer
 
     def _capture(self, bucket: int) -> None:
         """Two eager runs over padding rows (compiles and tunes outside the capture), then the capture."""
