@@ -115,6 +115,24 @@ def test_with_cpu_assist_the_graphs_run_the_triton_backend_inside_it(tiny_llama,
         assert max(abs(a - b) for a, b in zip(lps, want_lps)) < 1e-4
 
 
+def test_the_static_forward_never_reads_the_device_on_the_host(tiny_llama):
+    """What capture needs: no .item()/.tolist()/nonzero-style op (a host sync, illegal while capturing) anywhere in
+    the forward pass of a bucket; the kernels' launches counted apart (bench/device_ops.py)."""
+    from bench.device_ops import DeviceOps
+
+    model_dir, adapters = tiny_llama
+    engine = make_engine(model_dir, adapters, graphs=True)
+    graphs = engine.runner.decode_graphs
+    from services.gpu_worker.engine.scheduler import ScheduledBatch
+
+    graphs._fill(ScheduledBatch(), 4)
+    with DeviceOps() as ops:
+        graphs._forward(4)
+    syncing = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "item", "_assert_async"}
+    assert not syncing & set(ops.torch_ops), ops.torch_ops
+    assert sum(ops.triton.values()) > 0
+
+
 def test_what_takes_the_graph_path(tiny_llama):
     from services.gpu_worker.engine.scheduler import ScheduledBatch
     from services.gpu_worker.engine.sequence import Sequence
