@@ -166,6 +166,8 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: CUDA calls of the worker's other threads (adapter copies to pinned memory, say) go on;
+        # only this thread's must not touch the device unsafely while it captures
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = self._forward(bucket)
         self.graphs[bucket], self.logits[bucket] = graph, logits
