@@ -13,7 +13,7 @@ import torch
 
 from helpers.lora_factory import make_random_adapter
 from helpers.tiny_models import TINY_GQA, save_tiny_gqa_llama
-from helpers.triton_mode import DEVICE, INTERPRET, import_kernels, interpreter_env
+from helpers.triton_mode import DEVICE, INTERPRET, import_kernels, triton_interpreter  # noqa: F401 (autouse)
 from services.gpu_worker.engine.config import ConfigError, EngineConfig
 from services.gpu_worker.engine.llm_engine import LLMEngine
 from services.gpu_worker.engine.sequence import SamplingParams
@@ -25,11 +25,6 @@ ADAPTERS = {"r4-attn": dict(r=4, target_modules=["q_proj", "v_proj"]),
             "r16-all": dict(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"]),
             "r8-mlp": dict(r=8, target_modules=["gate_proj", "down_proj"])}
-
-
-@pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    interpreter_env(monkeypatch)
 
 
 @pytest.fixture(scope="module")

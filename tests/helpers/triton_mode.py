@@ -2,8 +2,8 @@
 
 Triton decides interpreted-or-compiled when a kernel is defined (@triton.jit, at its module's import) and reads
 TRITON_INTERPRET again while running it. So without CUDA, `import_kernels` sets TRITON_INTERPRET=1 only while it
-imports triton and the kernel modules (collection time) and restores the environment; `interpreter_env` sets it
-again around each test that runs them (the engine's config checks it). Other test modules keep the environment
+imports triton and the kernel modules (collection time) and restores the environment; the `triton_interpreter`
+fixture sets it again around each test that runs them (the engine's config checks it). Other test modules keep the environment
 they had. With CUDA nothing is set and the same tests run compiled.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 
+import pytest
 import torch
 
 INTERPRET = (os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
@@ -45,7 +46,9 @@ def import_kernels(*module_names: str) -> list:
     return modules
 
 
-def interpreter_env(monkeypatch) -> None:
-    """Within a test: TRITON_INTERPRET=1 when the kernels run interpreted."""
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 around each test when the kernels run interpreted; autouse in every test module (or
+    conftest) that imports it."""
     if INTERPRET:
         monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -17,7 +17,7 @@ import random
 import pytest
 import torch
 
-from helpers.triton_mode import DEVICE, INTERPRET, import_kernels, interpreter_env
+from helpers.triton_mode import DEVICE, INTERPRET, import_kernels, triton_interpreter  # noqa: F401 (autouse)
 from services.gpu_worker.engine.config import ConfigError, EngineConfig
 
 tpa, = import_kernels("services.gpu_worker.attention.triton_paged_attention")
@@ -26,11 +26,6 @@ UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat1
 # (kv heads, GQA group = heads / kv heads, head_dim, block_size)
 SHAPES = [(4, 1, 64, 16), (2, 3, 72, 16), (2, 4, 64, 5), (1, 4, 80, 16)]
 SHAPE_IDS = [f"kvh{k}-g{g}-d{d}-bs{b}" for k, g, d, b in SHAPES]
-
-
-@pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    interpreter_env(monkeypatch)
 
 
 @pytest.fixture(autouse=True)

@@ -4,14 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.triton_mode import DEVICE, import_kernels, interpreter_env
+from helpers.triton_mode import DEVICE, import_kernels, triton_interpreter  # noqa: F401 (autouse)
 
 import_kernels("services.gpu_worker.lora.triton_kernels")
-
-
-@pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    interpreter_env(monkeypatch)
 
 
 @pytest.fixture

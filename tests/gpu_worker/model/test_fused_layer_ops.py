@@ -21,18 +21,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers.triton_mode import DEVICE, INTERPRET, import_kernels, interpreter_env
+from helpers.triton_mode import DEVICE, INTERPRET, import_kernels, triton_interpreter  # noqa: F401 (autouse)
 from services.gpu_worker.model.llama import rms_norm as rms_norm_twin
 from services.gpu_worker.model.rope import apply_rope
 
 fused, = import_kernels("services.gpu_worker.model.fused_layer_ops")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-
-
-@pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    interpreter_env(monkeypatch)
 
 
 def randn(*shape, dtype, seed, scale=1.0):

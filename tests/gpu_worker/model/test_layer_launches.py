@@ -13,18 +13,13 @@ import pytest
 from bench.device_ops import DeviceOps
 from helpers.lora_factory import make_random_adapter
 from helpers.tiny_models import save_tiny_gqa_llama
-from helpers.triton_mode import DEVICE, import_kernels, interpreter_env
+from helpers.triton_mode import DEVICE, import_kernels, triton_interpreter  # noqa: F401 (autouse)
 from services.gpu_worker.engine.config import EngineConfig
 from services.gpu_worker.engine.llm_engine import LLMEngine
 from services.gpu_worker.engine.sequence import SamplingParams
 
 import_kernels()
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    interpreter_env(monkeypatch)
 
 
 @pytest.fixture(scope="module")
