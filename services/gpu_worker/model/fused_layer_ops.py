@@ -1,11 +1,11 @@
 """Triton kernels fusing the memory-bound steps of a decoder layer that surround its GEMMs and attention.
 
-Besides its four GEMMs, its LoRA launches and attention, the torch path of a layer runs ~40 small device ops: the
-two RMSNorms (8 each: to float, square, mean, add eps, rsqrt, scale, back to the dtype, weight), two residual
-adds, RoPE of q and k (slices, negation, concatenation, two products and a sum each), the two cache writes, SiLU
-and the gate product. On a GPU each is a launch of ~5-10 us of host time and a round trip through memory: for a
-32-layer model in a decode step that is ~1300 launches, more host time than the step's bandwidth bound
-(bench/decode_step.py records where a step's time goes). These kernels do the same work in three launches a layer:
+Besides its four GEMMs, its LoRA launches and attention, the torch path of a layer runs ~35 small device ops: the
+two RMSNorms (to float, square, mean, add eps, rsqrt, scale, back to the dtype, weight: 8 each), two residual adds,
+RoPE of q and k (negation, concatenation, two products and a sum each), the two cache writes, SiLU and the gate
+product. On a GPU each is a launch of ~5-10 us of host time and a round trip through memory: for a 32-layer model
+in a decode step that is ~1100 launches, more host time than the step's bandwidth bound (bench/launch_overhead.py
+measures a 7B decode step's host time both ways). These kernels do the same work in four launches a layer:
 
   rms_norm(x, w, eps, residual=None)  one row per program. With `residual`: residual += x first, in place, and the
                                       sum is normalised: the sublayer's residual add folded into the next norm.
