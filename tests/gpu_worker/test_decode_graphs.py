@@ -149,6 +149,9 @@ def test_what_takes_the_graph_path(tiny_llama):
     assert graphs.bucket_for(ScheduledBatch([seq(4, 4), seq(9, 0, 0)], [1, 9])) is None  # mixed
     assert graphs.bucket_for(ScheduledBatch([seq(4, 4)] * 9, [1] * 9)) is None  # more than the largest bucket
     assert graphs.bucket_for(ScheduledBatch()) is None
+    long = seq(4, 4)
+    long.block_table = list(range(graphs.max_blocks + 1))  # more blocks than the static tables hold
+    assert graphs.bucket_for(ScheduledBatch([long], [1])) is None
 
 
 def test_cuda_graphs_setting(monkeypatch):

@@ -82,10 +82,9 @@ class DecodeGraphs:
         n = len(sched.seqs)
         if n == 0 or n > self.buckets[-1]:
             return None
-        limit = self.max_blocks * self.runner.block_size
         for seq, tokens in zip(sched.seqs, sched.num_tokens):
             if tokens != 1 or seq.num_computed == 0 or seq.num_computed + 1 != seq.num_tokens \
-                    or seq.num_tokens > limit:
+                    or len(seq.block_table) > self.max_blocks:
                 return None
         return next(b for b in self.buckets if b >= n)
 
