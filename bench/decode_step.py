@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
+    ap.add_argument("--lora-backend", default="auto", choices=("auto", "torch", "triton"))
     ap.add_argument("--cuda-graphs", default="auto", choices=("auto", "off"),
                     help="decode steps as CUDA graphs (auto: on a GPU with the triton backends); with graphs, as many "
                          "steps are then timed without them, in the same run")
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_batched_tokens=max(2048, args.context),
             # every sequence's blocks (rounded up to whole blocks of 16), one spare each
             kv_cache_memory_gb=args.batch * ((total + 15) // 16 + 1) * 16 * kv_token / 2**30,
-            attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs,
+            attention_backend=args.attention_backend, lora_backend=args.lora_backend, cuda_graphs=args.cuda_graphs,
         )
         progress(NAME, "loading the engine")
         engine = LLMEngine(config)

@@ -46,6 +46,38 @@ def test_decode_step_smoke_run(tmp_path):
     assert "error" not in breakdown and breakdown["steps"] == decode_step.PROFILED_STEPS
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmark runs for real (session.sh decode)")
+def test_decode_step_smoke_run_with_decode_graphs(tmp_path, monkeypatch):
+    """The graphs-then-eager timing of decode_step.py, with the decode graphs' static path run eagerly (no CUDA:
+    capture off) and the Triton backends interpreted."""
+    from helpers.triton_mode import import_kernels
+
+    decode_graphs, = import_kernels("services.gpu_worker.engine.decode_graphs")
+    from services.gpu_worker.engine.config import EngineConfig
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(EngineConfig, "resolved_cuda_graphs", lambda self: self.cuda_graphs == "auto")
+
+    class Eager(decode_graphs.DecodeGraphs):
+        def __init__(self, runner, max_batch, max_model_len, capture):
+            super().__init__(runner, max_batch, max_model_len, capture=False)
+            self.steps = 0
+
+        def run(self, sched, bucket):
+            self.steps += 1
+            return super().run(sched, bucket)
+
+    made = []
+    monkeypatch.setattr(decode_graphs, "DecodeGraphs", lambda *a, **kw: made.append(Eager(*a, **kw)) or made[-1])
+    out = tmp_path / "decode.json"
+    assert decode_step.main(["--allow-cpu", "--shape", "tiny", "--batch", "3", "--context", "20", "--warmup", "1",
+                             "--steps", "2", "--attention-backend", "triton", "--lora-backend", "triton",
+                             "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["cuda_graphs"] and made and made[0].steps >= 3 + decode_step.PROFILED_STEPS
+    assert result["eager_step_ms"]["p50"] > 0 and result["ratio_eager_over_graphs_p50"] > 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmark runs for real (session.sh kernels)")
 def test_lora_kernels_smoke_run(tmp_path):
     """bench/lora_kernels.py end to end in the Triton interpreter (a subprocess: Triton decides at import whether the
