@@ -110,6 +110,27 @@ def test_with_cpu_assist_the_graphs_run_the_triton_backend_inside_it(tiny_llama,
         assert max(abs(a - b) for a, b in zip(lps, want_lps)) < 1e-4
 
 
+@pytest.mark.skipif(not INTERPRET, reason="a capture that fails needs a machine without CUDA")
+def test_a_failed_capture_leaves_the_static_path_running_eagerly(tiny_llama, caplog):
+    """capture=True where capturing cannot work (no CUDA here): logged once, then the same results, eagerly."""
+    model_dir, adapters = tiny_llama
+    g = torch.Generator().manual_seed(8)
+    requests = [(name, torch.randint(3, VOCAB, (n,), generator=g).tolist())
+                for name, n in [("r4-attn", 6), (None, 3), ("r16-all", 10)]]
+    want = run(make_engine(model_dir, adapters, graphs=False), requests)
+    engine = make_engine(model_dir, adapters, graphs=True)
+    graphs = engine.runner.decode_graphs = decode_graphs.DecodeGraphs(engine.runner, 6, engine.max_model_len,
+                                                                      capture=True)
+    runs = record_runs(graphs)
+    with caplog.at_level("WARNING", logger=decode_graphs.__name__):
+        got = run(engine, requests)
+    assert runs and not graphs.capture and not graphs.graphs
+    assert len([r for r in caplog.records if "decode graphs off" in r.getMessage()]) == 1
+    for (tokens, lps), (want_tokens, want_lps) in zip(got, want):
+        assert tokens == want_tokens
+        assert max(abs(a - b) for a, b in zip(lps, want_lps)) < 1e-4
+
+
 def test_the_static_forward_never_reads_the_device_on_the_host(tiny_llama):
     """What capture needs: no .item()/.tolist()/nonzero-style op (a host sync, illegal while capturing) anywhere in
     the forward pass of a bucket; the kernels' launches counted apart (bench/device_ops.py)."""

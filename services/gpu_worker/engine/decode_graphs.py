@@ -18,7 +18,8 @@ Metadata of a step goes into the buffers with one host-to-device copy, then the 
 the forward pass reads the device on the host, and every shape is the bucket's, which is what capture needs.
 
 `capture=False` runs the same static path eagerly (no graph): how the tests check it on a CPU, in the Triton
-interpreter, against ModelRunner's own path. Graphs are made with `capture=True` on CUDA only, each bucket after two
+interpreter, against ModelRunner's own path; it is also where a failed capture leaves the engine (logged), so a
+worker whose graphs cannot be captured serves without them. Graphs are made with `capture=True` on CUDA only, each bucket after two
 eager runs of it (Triton compiles its variants and cuBLAS picks its kernels outside the capture), all buckets
 sharing one memory pool. Used by ModelRunner when the engine's `cuda_graphs` is on (EngineConfig: auto = on CUDA with
 the Triton backends). With CPU assist on, a step first makes the device wait for any pipelined load of its adapters
@@ -26,6 +27,7 @@ the Triton backends). With CPU assist on, a step first makes the device wait for
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -35,6 +37,8 @@ from services.gpu_worker.engine.scheduler import ScheduledBatch
 from services.gpu_worker.lora.batch_info import LoRABatchInfo
 from services.gpu_worker.lora.triton_backend import TritonLoRABackend, TritonLoRAStep
 from services.gpu_worker.lora.triton_kernels import LoRALaunch, round_up
+
+log = logging.getLogger(__name__)
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -95,17 +99,20 @@ class DecodeGraphs:
             for slot in sorted({seq.adapter_slot for seq in sched.seqs if seq.adapter_slot is not None}):
                 self.on_device(slot)
         self._fill(sched, bucket)
-        if not self.capture:
-            return self._forward(bucket)[: len(sched.seqs)]
-        if bucket not in self.graphs:
+        if self.capture and bucket not in self.graphs:
             self._capture(bucket)
-            self._fill(sched, bucket)  # capturing ran padding through the buffers
-        self.graphs[bucket].replay()
+            self._fill(sched, bucket)  # capturing (or trying to) ran padding through the buffers
+        graph = self.graphs.get(bucket)
+        if graph is None:  # capture off, or it failed: the same forward pass, eagerly
+            return self._forward(bucket)[: len(sched.seqs)]
+        graph.replay()
         return self.logits[bucket][: len(sched.seqs)]
 
     def capture_all(self, report: Callable[[str], None] = lambda line: None) -> None:
         """Capture every bucket's graph, largest first (the smaller ones reuse its memory)."""
         for i, bucket in enumerate(reversed(self.buckets)):
+            if not self.capture:
+                return
             if bucket not in self.graphs:
                 report(f"capturing decode graphs {i + 1}/{len(self.buckets)}: batch {bucket}")
                 self._capture(bucket)
@@ -144,8 +151,8 @@ class DecodeGraphs:
         batch.decode_token_indices = rows
         batch.paged_decode = PagedAttentionInfo(self.runner.block_size, self.block_tables[:bucket],
                                                 self.context_lens[:bucket])
-        batch.lora = LoRABatchInfo([], TritonLoRAStep(LoRALaunch(True, self.entries[:bucket], None, None, 1),
-                                                          self.max_rank))
+        launch = LoRALaunch(True, self.entries[:bucket], None, None, 1)
+        batch.lora = LoRABatchInfo([], TritonLoRAStep(launch, self.max_rank))
         return batch
 
     def _forward(self, bucket: int) -> torch.Tensor:
@@ -156,17 +163,27 @@ class DecodeGraphs:
         finally:
             model.lora_backend = outer
 
-    def _capture(self, bucket: int) -> None:
-        """Two eager runs over padding rows (compiles and tunes outside the capture), then the capture."""
+    def _capture(self, bucket: int) -> bool:
+        """Two eager runs over padding rows (compiles and tunes outside the capture), then the capture. If that
+        fails, decode steps run the static path eagerly from now on (logged): slower, never wrong or down."""
         self._fill(ScheduledBatch(), bucket)
-        for _ in range(2):
-            self._forward(bucket)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        # thread_local: CUDA calls of the worker's other threads (adapter copies to pinned memory, say) go on;
-        # only this thread's must not touch the device unsafely while it captures
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self._forward(bucket)
+        try:
+            for _ in range(2):
+                self._forward(bucket)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            # thread_local: CUDA calls of the worker's other threads (adapter copies to pinned memory, say) go on;
+            # only this thread's must not touch the device unsafely while it captures
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                logits = self._forward(bucket)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: serve without graphs rather than not at all
+            log.warning("decode graphs off: capturing batch %d failed (%s: %s); decode steps run eagerly",
+                        bucket, type(exc).__name__, exc)
+            self.capture = False
+            self.graphs.clear()
+            self.logits.clear()
+            return False
         self.graphs[bucket], self.logits[bucket] = graph, logits
+        return True
