@@ -191,8 +191,8 @@ def decode_step_of_7b_structure():
 
 
 def decode_step_host(repeats: int) -> dict:
-    """Host ms of the decode step of the 7B's structure, fused and unfused (interleaved rounds, the fastest kept), and the device
-    ops and Triton launches of each."""
+    """Host ms of the decode step of the 7B's structure, fused and unfused (interleaved rounds, the fastest kept),
+    and the device ops and Triton launches of each."""
     from bench.device_ops import DeviceOps
 
     step, model = decode_step_of_7b_structure()

@@ -3,10 +3,10 @@
 
 Triton's compiler (Python source -> TTIR -> TTGIR -> LLVM IR -> PTX -> cubin, with the ptxas its wheel ships) needs
 no GPU: only loading a kernel onto one does. This script drives the kernel wrappers (LoRA shrink and expand, paged
-attention decode and prefill, the fused layer ops) over the launch shapes of the model families we serve and, for each --arch, compiles
-each launch's variant instead of running it. The specialization is Triton's own (its binder, as a real launch
-computes it: dtypes, constexprs, integers equal to 1, 16-byte alignment), so what compiles here is what a GPU would
-compile at that launch. A variant that asks for more shared memory than the arch allows one block raises
+attention decode and prefill, the fused layer ops) over the launch shapes of the model families we serve and, for
+each --arch, compiles each launch's variant instead of running it. The specialization is Triton's own (its binder,
+as a real launch computes it: dtypes, constexprs, integers equal to 1, 16-byte alignment), so what compiles here is
+what a GPU would compile at that launch. A variant that asks for more shared memory than the arch allows one block raises
 OutOfResources at its launch, as Triton's loader does on the GPU, so the wrappers' fallbacks (smaller attention
 tiles) run as they would there. For each variant it reports that shared memory and, from cuobjdump, its registers
 and spilled bytes per thread.

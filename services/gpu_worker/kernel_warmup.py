@@ -3,7 +3,8 @@
 Triton compiles a kernel variant at its first launch: 0.2-1 s each in bfloat16 on a GPU host, seconds for float32
 attention (bench/device/compile_check.py measures them), and an engine with the Triton backends launches a few dozen
 variants: each fused group's rank tiles (16, 32 and 64 rows), segment tiles of <= 16 and > 16 tokens, per-token
-decodes, the two attention kernels, the fused layer kernels. Unwarmed, the first requests would pay for them in their time to first token.
+decodes, the two attention kernels, the fused layer kernels. Unwarmed, the first requests would pay for them in
+their time to first token.
 
 `warm_up(engine)` runs synthetic requests that reach every variant: for each rank of TILE_RANKS up to the engine's
 max_lora_rank (and that rank, or 64 if larger: wider ranks use the same tiles) an adapter on every projection, so

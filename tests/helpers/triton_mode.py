@@ -3,8 +3,8 @@
 Triton decides interpreted-or-compiled when a kernel is defined (@triton.jit, at its module's import) and reads
 TRITON_INTERPRET again while running it. So without CUDA, `import_kernels` sets TRITON_INTERPRET=1 only while it
 imports triton and the kernel modules (collection time) and restores the environment; the `triton_interpreter`
-fixture sets it again around each test that runs them (the engine's config checks it). Other test modules keep the environment
-they had. With CUDA nothing is set and the same tests run compiled.
+fixture sets it again around each test that runs them (the engine's config checks it). Other test modules keep
+the environment they had. With CUDA nothing is set and the same tests run compiled.
 """
 from __future__ import annotations
 

@@ -14,16 +14,16 @@ of n sequences runs in the smallest bucket >= n, its extra rows padding):
                                              the grids sized for the pool's largest stacked rank of each group (the
                                              kernels' programs past a token's own rank exit at once)
   logits_indices = 0 .. B-1                  every row samples; the padding rows' logits are dropped
-Metadata of a step goes into the buffers with one host-to-device copy, then the bucket's graph replays. Nothing in
-the forward pass reads the device on the host, and every shape is the bucket's, which is what capture needs.
+A step's metadata goes into the buffers (one host-to-device copy per buffer), then the bucket's graph replays.
+Nothing in the forward pass reads the device on the host, and every shape is the bucket's: what capture needs.
 
 `capture=False` runs the same static path eagerly (no graph): how the tests check it on a CPU, in the Triton
 interpreter, against ModelRunner's own path; it is also where a failed capture leaves the engine (logged), so a
-worker whose graphs cannot be captured serves without them. Graphs are made with `capture=True` on CUDA only, each bucket after two
-eager runs of it (Triton compiles its variants and cuBLAS picks its kernels outside the capture), all buckets
-sharing one memory pool. Used by ModelRunner when the engine's `cuda_graphs` is on (EngineConfig: auto = on CUDA with
-the Triton backends). With CPU assist on, a step first makes the device wait for any pipelined load of its adapters
-(the assist backend's on_device hook, as its own prepare does for decodes), then replays.
+worker whose graphs cannot be captured serves without them. Graphs are made with `capture=True` on CUDA only, each
+bucket after two eager runs of it (Triton compiles its variants and cuBLAS picks its kernels outside the capture),
+all buckets sharing one memory pool. Used by ModelRunner when the engine's `cuda_graphs` is on (EngineConfig: auto =
+on CUDA with the Triton backends). With CPU assist on, a step first makes the device wait for any pipelined load of
+its adapters (the assist backend's on_device hook, as its own prepare does for decodes), then replays.
 """
 from __future__ import annotations
 

@@ -158,8 +158,8 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="qkv must be"):
         fused.rope_and_cache(torch.zeros(2, 40, device=DEVICE), pos, cos, cos, cache, cache, pos, 2, 1)
     with pytest.raises(ValueError, match="k_cache must be"):
-        fused.rope_and_cache(torch.zeros(2, 32, device=DEVICE), pos, cos, cos, torch.zeros(4, 2, 8, device=DEVICE), cache,
-                             pos, 2, 1)
+        fused.rope_and_cache(torch.zeros(2, 32, device=DEVICE), pos, cos, cos, torch.zeros(4, 2, 8, device=DEVICE),
+                             cache, pos, 2, 1)
     with pytest.raises(ValueError, match="cos must be"):
         fused.rope_and_cache(torch.zeros(2, 32, device=DEVICE), pos, cos.double(), cos, cache, cache, pos, 2, 1)
     with pytest.raises(ValueError, match="sin must be"):
