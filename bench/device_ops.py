@@ -4,7 +4,7 @@ large model is short enough that their number decides whether the host keeps up.
 
     with DeviceOps() as ops:             # kernels run (compiled, or in the interpreter)
         engine.step()
-    with DeviceOps(run_kernels=False):   # kernels stubbed: nothing launched (host cost of the rest, on meta tensors)
+    with DeviceOps(run_kernels=False):   # kernels stubbed: nothing launched (the host cost of the rest)
 """
 from __future__ import annotations
 
@@ -59,9 +59,6 @@ class DeviceOps(TorchDispatchMode):
         if not self._in_launch and name not in NO_KERNEL:
             self.torch_ops[name] += 1
         return func(*args, **(kwargs or {}))
-
-    def total(self) -> int:
-        return sum(self.torch_ops.values()) + sum(self.triton.values())
 
 
 class _Counted:

@@ -44,18 +44,11 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from bench.common import git_commit, machine_info, progress, timestamp, write_result  # noqa: E402
+from bench.device_ops import DeviceOps  # noqa: E402
 from services.gpu_worker.attention import triton_paged_attention as attention  # noqa: E402
-from services.gpu_worker.kernel_warmup import KERNELS  # noqa: E402
 from services.gpu_worker.lora import triton_kernels as lora  # noqa: E402
 
 NAME = "launch_overhead"
-
-
-class _Stub:
-    """Stands in for a kernel: `kernel[grid](...)` records nothing and runs nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
 
 
 def per_call_us(fns: dict, calls: int, repeats: int) -> dict[str, float]:
@@ -104,19 +97,13 @@ def measure(calls: int, repeats: int) -> dict[str, float]:
     t = torch.empty(tokens, stacked, dtype=torch.float32)
     args = (x, a, t, launch.entries, row_off, rank, width, *x.stride(), *a.stride(), *t.stride())
 
-    saved = [(module, n, getattr(module, n)) for module in (lora, attention) for n in KERNELS[module.__name__]]
-    for module, n, _ in saved:  # every kernel of the engine stubbed: nothing runs
-        setattr(module, n, _Stub())
-    try:
+    with DeviceOps(run_kernels=False, count_torch=False):  # every kernel of the engine stubbed: nothing runs
         return per_call_us({
             "lora_pair_checked_us": pair(True),
             "lora_pair_unchecked_us": pair(False),
             "attention_decode_us": lambda: attention.paged_attention_decode(q, cache, cache, tables, context, 16, 0.1),
             "triton_binder_us": lambda: binder(*args, BLOCK_R=16, BLOCK_K=128),
         }, calls, repeats)
-    finally:
-        for module, n, fn in saved:
-            setattr(module, n, fn)
 
 
 DECODE_CASE = dict(batch=32, context=512, rank=64, targets=("q_proj", "k_proj", "v_proj", "o_proj"), block_size=16)
@@ -193,8 +180,6 @@ def decode_step_of_7b_structure():
 def decode_step_host(repeats: int) -> dict:
     """Host ms of the decode step of the 7B's structure, fused and unfused (interleaved rounds, the fastest kept),
     and the device ops and Triton launches of each."""
-    from bench.device_ops import DeviceOps
-
     step, model = decode_step_of_7b_structure()
     fused = model.fused
 
