@@ -105,4 +105,6 @@ def test_warm_up_ranks_cover_each_tile_up_to_the_cap(tiny_llama, device, cap, ra
                                     device=str(device)))
     asked = []
     warm_up(engine, report=asked.append)
-    assert [int(line.split("rank ")[1].split()[0]) for line in asked] == ranks
+    # (with decode graphs, on CUDA, warm-up then reports their capture too: not adapter lines)
+    adapter_lines = [line for line in asked if line.startswith("kernel warm-up")]
+    assert [int(line.split("rank ")[1].split()[0]) for line in adapter_lines] == ranks
