@@ -205,7 +205,9 @@ def profile_engine(engine, settings: ProfileSettings | None = None, *, show_prog
                disable=not show_progress or None, leave=False)
     started = time.perf_counter()
     try:
-        with torch.inference_mode():
+        # no_grad, not inference_mode: state the engine creates during these steps (the CPU's bagged LoRA pools) is
+        # kept and written by later steps, which run outside inference mode, and may not be an inference tensor
+        with torch.no_grad():
             prof.decode([0])  # warm-up: first steps are slow (allocations, kernel compilation)
             prof.prefill(s.prompt_lengths[0], max(s.ranks))
             point_done()

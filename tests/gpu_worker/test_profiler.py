@@ -55,6 +55,26 @@ def test_profile_measures_the_engine_and_leaves_it_clean(engine):
     assert engine.adapter_names() == [] and not engine.has_unfinished() and engine.blocks.num_free == free
 
 
+def test_the_engine_serves_adapters_after_profiling(engine):
+    """A worker profiles itself at its first start, then serves. State the profile's steps leave behind (the CPU's
+    bagged LoRA pools, one per adapter width) is written again by the serving steps: the first request for an adapter
+    of a profiled width once failed ("Inplace update to inference tensor outside InferenceMode") and killed the
+    worker."""
+    from services.gpu_worker.engine.sequence import SamplingParams
+
+    profile_engine(engine, TINY, show_progress=False)
+    for rank in TINY.ranks:  # the widths the profile pooled
+        engine.register_adapter(random_adapter(engine, rank, seed=100 + rank, name=f"served-{rank}"))
+    try:
+        results = engine.generate(["hello there", "a b c", "what is"], SamplingParams(max_tokens=4),
+                                  adapters=["served-8", "served-32", None])
+        assert [len(r.token_ids) for r in results] == [4, 4, 4]
+    finally:
+        for rank in TINY.ranks:
+            engine.unload_adapter(f"served-{rank}")
+        engine.step()
+
+
 def test_profiling_stops_between_points_when_told_and_leaves_the_engine_clean(engine, tmp_path):
     """A worker sent SIGTERM while it profiles at start-up stops within a point, not after the whole profile."""
     free = engine.blocks.num_free
