@@ -52,7 +52,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "layers load to the GPU by groups, the LoRA deltas of layers not yet loaded computed by "
                             "cpu_prefill worker processes (no GPU: as off); 'always' computes every prefill LoRA "
                             "delta on those workers (tests, CPU benchmarks); besides its own, `caraserve serve "
-                            "cpu_prefill` processes with the same --data-dir join it while it serves (default: off)")
+                            "cpu_prefill` processes with the same --data-dir join it while it serves (default: auto)")
     group.add_argument("--cpu-workers", type=int, metavar="N",
                        help="cpu_prefill worker processes the engine starts itself with --cpu-assist auto or always; "
                             "0: only joined ones (the device path while none is there) (default: 2)")

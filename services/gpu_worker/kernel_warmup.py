@@ -90,6 +90,14 @@ def _run_requests(engine, adapter: str) -> None:
     def prompt(n: int) -> list[int]:
         return [(37 * i + 11) % (vocab - 200) + 100 for i in range(n)]
 
+    assist = engine.cpu_assist
+    if assist is not None and assist.mode == "auto":
+        # a cold adapter's first prefill runs while it loads, its LoRA deltas on the cpu_prefill workers: a one-token
+        # request starts the load, which then completes, so that the prefills below reach the device kernels
+        engine.add_request(f"{adapter}-load", prompt(2), SamplingParams(max_tokens=1, temperature=0.0), adapter=adapter)
+        while engine.has_unfinished():
+            engine.step()
+        assist.wait_for_loads()
     engine.add_request(f"{adapter}-short", prompt(SHORT_PROMPT), params, adapter=adapter)
     engine.step()  # the short prompt alone: segment tiles of 16 tokens
     engine.add_request(f"{adapter}-long", prompt(LONG_PROMPT), params, adapter=adapter)

@@ -163,8 +163,9 @@ def auto_engine(tiny_model, tmp_path, monkeypatch, **config) -> LLMEngine:
     return engine
 
 
-def test_auto_is_off_without_a_gpu(tiny_model, tmp_path):
-    results, engine = run(tiny_model, cpu_assist="auto", data_dir=str(tmp_path))
+def test_auto_is_the_default_and_off_without_a_gpu(tiny_model, tmp_path):
+    assert EngineConfig(model="m").cpu_assist == "auto"  # the paper's mechanism wherever there is a GPU
+    results, engine = run(tiny_model, data_dir=str(tmp_path))
     try:
         assert engine.cpu_assist is None  # nothing to overlap on a CPU device: no workers spawned
     finally:
@@ -269,3 +270,32 @@ def test_auto_on_cuda_equals_off(tiny_model, tmp_path):
     finally:
         engine.close()
     assert_same_outputs(results, off, abs=1e-3)
+
+
+def test_kernel_warm_up_loads_each_adapter_before_its_prefills(tiny_model, tmp_path, monkeypatch):
+    """With auto, a cold adapter's first prefill runs on the workers while it loads: kernel warm-up (which exists to
+    compile the device kernels' variants before the first request) first loads each of its adapters with a
+    one-token request, so its prefills and decodes all run on the device."""
+    from services.gpu_worker.kernel_warmup import warm_up
+
+    engine = auto_engine(tiny_model, tmp_path, monkeypatch, cpu_workers=1)
+    assist = engine.cpu_assist
+    added = []
+    add_request = engine.add_request
+
+    def recording_add(request_id, *args, **kwargs):
+        loading = [name for name, (load, _, _) in assist._loads.items() if not load.done()]
+        added.append((request_id, loading, assist.backend.cpu_ranges))
+        add_request(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "add_request", recording_add)
+    try:
+        warm_up(engine)
+        added.append(("end", [], assist.backend.cpu_ranges))
+        assert assist.pipelined_loads == 5  # one per warm-up adapter
+    finally:
+        engine.close()
+    for (rid, loading, cpu), (next_rid, _, next_cpu) in zip(added, added[1:]):
+        if not rid.endswith("-load"):
+            assert loading == [], rid  # loaded before the warm-up's own requests
+            assert next_cpu == cpu, rid  # and nothing of theirs computed on the workers

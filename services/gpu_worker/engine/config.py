@@ -46,7 +46,7 @@ class EngineConfig:
     # computed by cpu_prefill worker processes from the host adapter cache (shared memory, `host_cache_gb`):
     # `cpu_workers` spawned by the engine, plus `caraserve serve cpu_prefill` processes joining through
     # <data_dir>/run/cpu_prefill/ (0: only those; until one joins, prefills take the device path)
-    cpu_assist: str = "off"
+    cpu_assist: str = "auto"
     # auto | off: replay decode-only steps as CUDA graphs (decode_graphs.py). auto: on CUDA with both backends triton;
     # off: every step launched op by op
     cuda_graphs: str = "auto"
