@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             # every sequence's blocks (rounded up to whole blocks of 16), one spare each
             kv_cache_memory_gb=args.batch * ((total + 15) // 16 + 1) * 16 * kv_token / 2**30,
             attention_backend=args.attention_backend, lora_backend=args.lora_backend, cuda_graphs=args.cuda_graphs,
+            cpu_assist="off",  # decode steps of resident adapters: the prefills need no cpu_prefill workers
         )
         progress(NAME, "loading the engine")
         engine = LLMEngine(config)

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import cold_start, decode_step, lora_kernels
+from helpers.triton_mode import import_kernels
+
+# the kernel modules in the mode of this machine (interpreted without CUDA) before anything imports them: the
+# benchmarks' engines import them, and the decode-graphs smoke run needs them interpreted, whatever runs first
+decode_graphs, = import_kernels("services.gpu_worker.engine.decode_graphs")
+
+from bench import cold_start, decode_step, lora_kernels  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs for real")
@@ -50,9 +56,6 @@ def test_decode_step_smoke_run(tmp_path):
 def test_decode_step_smoke_run_with_decode_graphs(tmp_path, monkeypatch):
     """The graphs-then-eager timing of decode_step.py, with the decode graphs' static path run eagerly (no CUDA:
     capture off) and the Triton backends interpreted."""
-    from helpers.triton_mode import import_kernels
-
-    decode_graphs, = import_kernels("services.gpu_worker.engine.decode_graphs")
     from services.gpu_worker.engine.config import EngineConfig
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
