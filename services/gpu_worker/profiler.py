@@ -15,6 +15,7 @@ without a model file runs the `quick` profile at start-up and caches it under th
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import socket
@@ -277,22 +278,51 @@ def load_or_profile(engine, path: str | None, data_dir: str | None = None,
         log.info("performance model from %s: %s", path, describe(model))
         return model
     cached = default_model_path(engine, data_dir)
-    if cached.exists():
-        try:
-            model = PerfModel.load(cached)
-            log.info("performance model from %s: %s", cached, describe(model))
-            return model
-        except PerfModelError as exc:
-            log.warning("ignoring %s: %s", cached, exc)
-    print("no performance model for this worker yet: profiling it briefly (once; cached in "
-          f"{cached})", file=sys.stderr)
-    model = profile_engine(engine, ProfileSettings.quick(), should_stop=should_stop)
-    model.save(cached)
+    with _profiling_lock(cached, should_stop):
+        if cached.exists():
+            try:
+                model = PerfModel.load(cached)
+                log.info("performance model from %s: %s", cached, describe(model))
+                return model
+            except PerfModelError as exc:
+                log.warning("ignoring %s: %s", cached, exc)
+        print("no performance model for this worker yet: profiling it briefly (once; cached in "
+              f"{cached})", file=sys.stderr)
+        model = profile_engine(engine, ProfileSettings.quick(), should_stop=should_stop)
+        model.save(cached)
     log.info("profiled: %s", describe(model))
     warning = poor_fit_warning(model)
     if warning:
         log.warning("%s; delete %s to profile again at the next start", warning, cached)
     return model
+
+
+@contextlib.contextmanager
+def _profiling_lock(cached: Path, should_stop: Callable[[], bool] | None):
+    """Hold an exclusive lock beside the cached model file: workers of one machine starting together (`caraserve up
+    --workers N`) profile one at a time, so the first measures an otherwise idle machine and writes the file, the
+    others wait for it and load it (workers profiling side by side each measured the others' load: fits of R² 0.1).
+    The OS releases the lock of a worker that dies. ProfilingCancelled if should_stop() turns true while waiting."""
+    import fcntl
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with open(cached.with_name(cached.name + ".lock"), "a") as lock:
+        waited = False
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waited:
+                    log.info("another worker of this machine is profiling; waiting for its model (%s)", cached)
+                    waited = True
+                if should_stop is not None and should_stop():
+                    raise ProfilingCancelled("stopped while waiting for another worker's profile") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:

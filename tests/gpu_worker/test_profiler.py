@@ -125,6 +125,37 @@ def test_load_or_profile_uses_the_file_then_the_cache(engine, tmp_path, monkeypa
     assert load_or_profile(engine, str(explicit), str(tmp_path)) == first and len(calls) == 1
 
 
+def test_workers_starting_together_profile_once(engine, tmp_path, monkeypatch):
+    """`caraserve up --workers 2`: the second worker waits while the first profiles, then loads its model rather
+    than profiling beside it (each would measure the other's load); a worker told to stop stops waiting."""
+    import threading
+
+    started, release, calls = threading.Event(), threading.Event(), []
+    measured = profile_engine(engine, TINY, show_progress=False)
+
+    def slow_profile(eng, settings, **kw):  # the first worker's profile, held until the second is waiting
+        calls.append(settings)
+        started.set()
+        assert release.wait(30)
+        return measured
+
+    monkeypatch.setattr(profiler, "profile_engine", slow_profile)
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", load_or_profile(engine, None, str(tmp_path))))
+    first.start()
+    assert started.wait(30)
+    with pytest.raises(profiler.ProfilingCancelled, match="waiting"):  # SIGTERM while waiting
+        load_or_profile(engine, None, str(tmp_path), should_stop=lambda: True)
+    second = threading.Thread(target=lambda: results.setdefault("second", load_or_profile(engine, None, str(tmp_path))))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waiting for the first
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert results == {"first": measured, "second": measured} and len(calls) == 1
+
+
 def test_profile_command_writes_the_model(default_model_path, tmp_path, capsys):
     out = tmp_path / "m.json"
     code = main(["profile", "--model", str(default_model_path), "-o", str(out), "--batch-sizes", "1,2",
