@@ -8,8 +8,8 @@
 3. Start adapter_store, scheduler, --workers gpu_workers and the gateway as `caraserve serve <service>` child
    processes (services/supervisor.py). Secrets and settings travel in their environment (CARASERVE_*), never on
    their command line, so `ps` does not show them.
-4. Wait for the gateway's /readyz, register the demo adapters not yet registered, print the URL, the keys and a
-   curl example, then the line "caraserve up: ready".
+4. Wait for the gateway's /readyz, register the demo adapters never registered (a deleted one stays deleted),
+   print the URL, the keys and a curl example, then the line "caraserve up: ready".
 5. Restart a child that crashes; on SIGTERM/SIGINT stop the children (gateway first), then NATS; exit 0.
 """
 from __future__ import annotations
@@ -240,8 +240,22 @@ def _wait_ready(plan: Plan, supervisor: Supervisor, stop: _StopSignals) -> bool:
     return False
 
 
-async def _register_demo_adapters(nats_url: str, timeout: float = 60.0) -> list[str]:
-    """Register the demo adapters the store does not have yet; return every registered adapter's name."""
+# beside the JetStream store (<data dir>/nats/): the demo adapters once registered in it, so that one the user
+# deleted is not registered again at the next start
+DEMO_MARKER = "demo-adapters.json"
+
+
+def _demo_registered_before(marker: Path) -> set[str]:
+    try:
+        names = json.loads(marker.read_text())
+        return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+    except (OSError, ValueError):
+        return set()
+
+
+async def _register_demo_adapters(nats_url: str, marker: Path, timeout: float = 60.0) -> list[str]:
+    """Register the demo adapters the store has never had (`marker` lists those it had, even if deleted since);
+    return every registered adapter's name."""
     from services.adapter_store.client import list_adapters, register_from_dir
     from shared.demo_adapters import DEMO_ADAPTERS, demo_adapter_path
     from shared.nats_client import MeshError, connect
@@ -257,9 +271,10 @@ async def _register_demo_adapters(nats_url: str, timeout: float = 60.0) -> list[
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.5)
+        before = _demo_registered_before(marker)
         for name in DEMO_ADAPTERS:
             path = demo_adapter_path(name)
-            if name in known:
+            if name in known or name in before:
                 continue
             if not (path / "adapter_config.json").is_file():
                 _say(f"demo adapter {name} is missing ({path}); run `make demo-adapters`")
@@ -271,6 +286,7 @@ async def _register_demo_adapters(nats_url: str, timeout: float = 60.0) -> list[
                 continue
             _say(f"registered demo adapter {info.name} (rank {info.rank})")
             known.add(name)
+        marker.write_text(json.dumps(sorted(before | (known & set(DEMO_ADAPTERS)))) + "\n")
         return sorted(known)
     finally:
         await nc.close()
@@ -327,7 +343,7 @@ def up_command(args) -> int:
         adapters: list[str] = []
         if plan.demo_adapters:
             try:
-                adapters = asyncio.run(_register_demo_adapters(nats.url))
+                adapters = asyncio.run(_register_demo_adapters(nats.url, nats.store_dir / DEMO_MARKER))
             except Exception as exc:  # the mesh serves the base model without them
                 _say(f"demo adapters not registered: {exc}")
         served = _served_models(plan, api_key)

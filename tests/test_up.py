@@ -384,3 +384,32 @@ def test_up_hands_engine_threads_to_its_workers(tmp_path, default_model_path):
 
     assert plan() is None  # torch's default
     assert plan("--threads", "3") == "3"
+
+
+async def test_demo_adapters_are_registered_once(nats_server, default_model_path, tmp_path):
+    """`caraserve up` registers the demo adapters at the first start only: one deleted since is not registered
+    again at the next start (nor one the marker says was registered before)."""
+    from transformers import AutoConfig
+
+    from services.adapter_store.client import delete_adapter
+    from services.adapter_store.service import AdapterStoreService
+    from services.adapter_store.store import AdapterStore
+    from services.up import DEMO_MARKER, _register_demo_adapters
+    from shared.adapters import BaseModelShape
+    from shared.nats_client import connect
+
+    shape = BaseModelShape.from_hf_config(AutoConfig.from_pretrained(default_model_path))
+    nc = await connect(nats_server.url, "test-store")
+    store = AdapterStoreService(AdapterStore(shape, Path(default_model_path).name, 256))
+    await store.start(nc)
+    try:
+        marker = tmp_path / DEMO_MARKER
+        assert await _register_demo_adapters(nats_server.url, marker) == sorted(DEMO)
+        assert json.loads(marker.read_text()) == sorted(DEMO)
+        await delete_adapter(nc, "caps", timeout=10.0)
+        assert await _register_demo_adapters(nats_server.url, marker) == sorted(set(DEMO) - {"caps"})
+        marker.unlink()  # a store without the marker (made before it existed): what is missing is registered
+        assert await _register_demo_adapters(nats_server.url, marker) == sorted(DEMO)
+    finally:
+        await store.stop()
+        await nc.close()
