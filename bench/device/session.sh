@@ -77,7 +77,7 @@ stage_tests() {
     use_site || return 1
     $PY -m pytest -q -s -ra -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
         tests/gpu_worker/lora tests/gpu_worker/attention tests/gpu_worker/model tests/gpu_worker/test_decode_graphs.py \
-        tests/cpu_prefill/test_engine_cpu_assist.py \
+        tests/cpu_prefill/test_cpu_assist.py tests/cpu_prefill/test_engine_cpu_assist.py \
         tests/gpu_worker/test_peft_parity_bf16.py tests/bench/test_gpu_bench_smoke.py 2>&1 | tee "$OUT/gpu_tests.log"
 }
 

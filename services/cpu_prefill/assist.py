@@ -60,8 +60,10 @@ class CpuAssist:
         max_out = max(widths["q_proj"] + 2 * widths["k_proj"], 2 * widths["gate_proj"], model.config.hidden_size)
         self.host = HostAdapterCache(host_cache_bytes)
         try:
+            # on a GPU the activations go out and the deltas come back by async copies on the stream (handoff.py)
             self.pool = CpuPrefillPool(num_workers, max_tokens, max_in, max_out, timeout_s=timeout_s,
-                                       rendezvous_dir=run_dir(data_dir) if accept_joiners else None)
+                                       rendezvous_dir=run_dir(data_dir) if accept_joiners else None,
+                                       device=model.device if model.device.type == "cuda" else None)
         except RendezvousError as exc:  # only raised with no spawned worker: nothing could ever assist
             self.host.close()
             from services.gpu_worker.engine.config import ConfigError

@@ -14,6 +14,16 @@ input slice and the header, then bumps the request seq; the worker busy-polls th
 sleeps of up to 1 ms when idle, so idle workers do not burn cores), computes, writes the delta and its status,
 then sets done seq = request seq. The engine reads the output only once done seq equals the seq it wrote.
 
+On a GPU (`signal_through(device)`, the engine's side): the segment is page-locked (cudaHostRegister, pinning.py),
+and a request whose input is on that device is handed over by the device's current stream: the input slice is an
+async device-to-host copy, then the request seq an async copy of a one-element device tensor into its field. The
+stream runs them in order, so the worker sees the new seq only once the slice has landed, and the engine's thread
+never waits for the device to hand a request over (DESIGN.md, "CPU-assisted prefill — the mechanism"). The header
+fields are plain host stores: the worker reads them only after the seq changes. The engine then waits only where
+it adds the delta (the pool: done seq, then an async host-to-device copy of the output, ordered before the stream
+writes the worker's next request seq, so the worker cannot overwrite an output still being copied). Until that
+seq lands, `last_seq` (what the engine submitted) is ahead of the field: `idle()` compares the done seq with it.
+
 Leaving (a joined worker asked to stop): the worker sets its leaving flag and keeps serving; the engine stops
 handing it tasks, and once the channel is idle sets the stop flag and retires it; the worker exits on the stop flag.
 So no task is dropped by a worker that leaves.
@@ -67,6 +77,10 @@ class HandoffChannel:
         self._inp = torch.frombuffer(shm.buf, dtype=torch.float32, count=in_floats, offset=CONTROL_BYTES)
         self._out = torch.frombuffer(shm.buf, dtype=torch.float32, count=out_floats, offset=out_off)
         self._views: dict[tuple[bool, int, int], torch.Tensor] = {}  # a step repeats few shapes: ~2 µs saved a call
+        self.last_seq: int = self.ctrl[REQ_SEQ]  # engine side: the seq of its last submit
+        self._device_seq: torch.Tensor | None = None  # signal_through: the next seq, on the device
+        self._seq_field: torch.Tensor | None = None  # signal_through: the request seq field as a tensor
+        self._pinned = None  # signal_through on CUDA: the segment's registration
 
     @classmethod
     def create(cls, max_tokens: int, max_in: int, max_out: int) -> HandoffChannel:
@@ -101,24 +115,48 @@ class HandoffChannel:
         return v
 
     # ---- engine side -------------------------------------------------------------------------------------------
+    def signal_through(self, device: torch.device) -> None:
+        """Hand requests whose input is on `device` over through its current stream (module docstring); on CUDA
+        the segment is page-locked first. (On a CPU device the same copies run synchronously: tests.)"""
+        from services.cpu_prefill.pinning import pin_host_memory
+
+        if device.type == "cuda" and self._pinned is None:
+            self._pinned = pin_host_memory(torch.frombuffer(self.shm.buf, dtype=torch.uint8))
+        self._seq_field = torch.frombuffer(self.shm.buf, dtype=torch.int64, count=1, offset=8 * REQ_SEQ)
+        self._device_seq = torch.zeros(1, dtype=torch.int64, device=device)
+
+    @property
+    def signals_on_stream(self) -> bool:
+        return self._device_seq is not None
+
     def idle(self) -> bool:
         """Whether the worker has answered every request (the buffers may be rewritten)."""
-        return self.ctrl[DONE_SEQ] == self.ctrl[REQ_SEQ]
+        return self.ctrl[DONE_SEQ] == self.last_seq
 
     def submit(self, x: torch.Tensor, adapter_id: int, layer: int, group: int, out_width: int) -> int:
-        """Copy x ([n, in], any float dtype/device) in, write the header, then bump the request seq; return it."""
+        """Copy x ([n, in], any float dtype/device) in, write the header, then bump the request seq; return it.
+        With signal_through(x's device) both copies are enqueued on its stream and this returns at once."""
         n, width = x.shape
         if n > self.max_tokens or width > self.max_in or out_width > self.max_out:
             raise ValueError(f"task [{n}, {width}] -> {out_width} exceeds the channel's "
                              f"[{self.max_tokens}, {self.max_in}] -> {self.max_out}")
         if not self.idle():
             raise RuntimeError("submit on a channel whose worker has not answered its last request")
-        self.input_view(n, width).copy_(x)
+        on_stream = self._device_seq is not None and x.device == self._device_seq.device
+        if on_stream:
+            self.input_view(n, width).copy_(x if x.dtype == torch.float32 else x.float(), non_blocking=True)
+        else:
+            self.input_view(n, width).copy_(x)
         c = self.ctrl
         c[ADAPTER_ID], c[LAYER], c[GROUP], c[N_TOKENS], c[IN_WIDTH], c[OUT_WIDTH] = (
             adapter_id, layer, group, n, width, out_width)
-        seq = c[REQ_SEQ] + 1
-        c[REQ_SEQ] = seq  # last: the payload and header are in place before the worker can see it
+        seq = self.last_seq + 1
+        if on_stream:  # the stream writes it after the slice: the worker cannot see one without the other
+            self._device_seq.fill_(seq)
+            self._seq_field.copy_(self._device_seq, non_blocking=True)
+        else:
+            c[REQ_SEQ] = seq  # last: the payload and header are in place before the worker can see it
+        self.last_seq = seq
         return seq
 
     def done(self, seq: int) -> bool:
@@ -183,7 +221,13 @@ class HandoffChannel:
         if self.shm is None:
             return
         self._views.clear()
+        if self._device_seq is not None and self._device_seq.is_cuda:  # no copy into the segment still queued
+            torch.cuda.synchronize(self._device_seq.device)
+        if self._pinned is not None:  # unregistered before the mapping goes
+            self._pinned.release()
+            self._pinned = None
         del self._inp, self._out
+        self._seq_field = self._device_seq = None
         self.ctrl.release()
         shm, self.shm = self.shm, None
         try:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from services.cpu_prefill.handoff import REQ_SEQ, STATUS_OK, WORKER_PID, HandoffChannel
+from services.cpu_prefill.handoff import STATUS_OK, WORKER_PID, HandoffChannel
 from services.cpu_prefill.host_cache import HostAdapter
 from services.cpu_prefill.rendezvous import RendezvousError, RendezvousListener
 from services.cpu_prefill.worker import GROUP_NAMES, worker_main
@@ -150,11 +150,13 @@ class CpuPrefillPool:
         spin_s: float | None = None,
         start_timeout_s: float = 120.0,
         rendezvous_dir: str | os.PathLike | None = None,
+        device: torch.device | None = None,
     ) -> None:
         if num_workers < 0 or (num_workers == 0 and rendezvous_dir is None):
             raise ValueError(f"num_workers must be positive (or 0 with a rendezvous_dir), got {num_workers}")
         self.max_tokens, self.max_in, self.max_out = max_tokens, max_in, max_out
         self.timeout_s = timeout_s
+        self.device = device  # a GPU: every channel hands requests over through its stream (handoff.py)
         self._spin_s = spin_s
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
@@ -190,7 +192,7 @@ class CpuPrefillPool:
             return self._next_index - 1
 
     def _spawn(self, index: int, core: int | None, spin_s: float | None) -> _Worker:
-        channel = HandoffChannel.create(self.max_tokens, self.max_in, self.max_out)
+        channel = self._engine_channel(HandoffChannel.create(self.max_tokens, self.max_in, self.max_out))
         ours, theirs = self._ctx.Pipe()
         proc = self._ctx.Process(target=worker_main, args=(channel.name, theirs, os.getpid(), core, spin_s),
                                  name=f"cpu_prefill-{index}", daemon=True)
@@ -267,7 +269,15 @@ class CpuPrefillPool:
     def _adopt(self) -> None:
         with self._lock:
             new, self._joining = self._joining, []
+        for w in new:
+            self._engine_channel(w.channel)
         self._workers.extend(new)
+
+    def _engine_channel(self, channel: HandoffChannel) -> HandoffChannel:
+        """The engine thread's set-up of a new worker's channel: on a GPU, requests go through its stream."""
+        if self.device is not None:
+            channel.signal_through(self.device)
+        return channel
 
     def _publish_count(self) -> None:
         if self._rendezvous is not None:
@@ -339,7 +349,9 @@ class CpuPrefillPool:
             pending = self._round(task, x, 0, deadline, workers)
             for w, _, s, e in pending:
                 out = w.channel.output_view(e - s, out_features)
-                add_to[s:e] += out if add_to.device.type == "cpu" else out.to(add_to.device, add_to.dtype)
+                # from a page-locked output the copy is async: the stream orders it before the worker's next seq
+                add_to[s:e] += out if add_to.device.type == "cpu" else \
+                    out.to(add_to.device, add_to.dtype, non_blocking=w.channel.signals_on_stream)
             return add_to
         delta = torch.empty(n, out_features, dtype=torch.float32)
         done = 0
@@ -395,7 +407,7 @@ class CpuPrefillPool:
     def _wait_idle(self, w: _Worker, deadline: float) -> None:
         """A worker still busy with a task of an abandoned call must finish it before its buffers are rewritten."""
         if not w.channel.idle():
-            self._wait_done([(w, w.channel.ctrl[REQ_SEQ], 0, 0)], deadline, check_status=False)
+            self._wait_done([(w, w.channel.last_seq, 0, 0)], deadline, check_status=False)
 
     def _wait_done(self, pending: list[tuple[_Worker, int, int, int]], deadline: float, check_status: bool = True
                    ) -> None:

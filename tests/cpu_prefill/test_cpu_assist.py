@@ -121,6 +121,87 @@ def test_pool_delta_matches_torch_reference(pool, host_cache, slot_weights, toke
         assert all(w.channel.ctrl[DONE_SEQ] > 0 for w in pool._workers)
 
 
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="needs CUDA: on a GPU the copies are async on the stream"))])
+def test_handoff_through_the_stream_matches(host_cache, slot_weights, device):
+    """signal_through(device): the input slice and the request seq go out by copies on the device's stream (on the
+    CPU the same copies run synchronously), the delta comes back into a tensor on the device; same deltas as the
+    reference, token splits and several rounds included."""
+    _, hosts = host_cache
+    p = new_pool(2, device=torch.device(device))
+    pids, names = p.pids(), p.segment_names()
+    try:
+        assert all(w.channel.signals_on_stream for w in p._workers)
+        g = torch.Generator().manual_seed(5)
+        for tokens in (1, 7, 2 * MAX_TOKENS + 5):
+            for host, sw in zip(hosts, slot_weights):
+                for group in PROJECTION_GROUPS:
+                    x = torch.randn(tokens, GROUP_IN[group], generator=g)
+                    y = torch.randn(tokens, GROUP_OUT[group], generator=g)
+                    got = p.compute_delta(host, 1, group, x.to(device), out_features=GROUP_OUT[group],
+                                          add_to=y.to(device, copy=True))
+                    torch.testing.assert_close(got.cpu(), y + reference_delta(sw, 1, group, x), rtol=1e-5,
+                                               atol=1e-5)
+        for w in p._workers:  # every request seq landed where the worker reads it
+            assert w.channel.ctrl[REQ_SEQ] == w.channel.last_seq == w.channel.ctrl[DONE_SEQ] > 0
+    finally:
+        assert_closed_clean(p, pids, names)
+
+
+def test_channel_is_busy_until_the_submitted_seq_is_answered():
+    """With requests handed over by the stream, the request seq field lags what the engine submitted until the
+    device writes it: whether the buffers may be rewritten is decided by the engine's own count."""
+    from services.cpu_prefill.handoff import HandoffChannel
+
+    channel = HandoffChannel.create(4, 8, 8)
+    try:
+        channel.signal_through(torch.device("cpu"))
+        seq = channel.submit(torch.ones(2, 8), adapter_id=1, layer=0, group=0, out_width=8)
+        assert channel.ctrl[REQ_SEQ] == seq == channel.last_seq == 1
+        assert channel.input_view(2, 8).eq(1).all()
+        channel.ctrl[REQ_SEQ] = 0  # as if the device had not yet written it: the worker saw nothing
+        assert not channel.idle()
+        with pytest.raises(RuntimeError, match="not answered"):
+            channel.submit(torch.ones(2, 8), adapter_id=1, layer=0, group=0, out_width=8)
+        channel.ctrl[REQ_SEQ] = seq
+        channel.finish(seq, 1)  # (the worker's side)
+        assert channel.idle()
+    finally:
+        channel.close()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_stream_handoff_never_waits_for_the_device(host_cache):
+    """The engine's thread enqueues a request behind ~0.2 s of device work and goes on at once: no synchronising
+    call (torch's sync debug mode would raise), the worker sees the request only once the device has run up to it,
+    and the segment is page-locked (else the driver would make the copies synchronous)."""
+    from services.cpu_prefill.handoff import HandoffChannel
+
+    channel = HandoffChannel.create(MAX_TOKENS, HIDDEN, HIDDEN)
+    try:
+        channel.signal_through(torch.device("cuda"))
+        assert channel._pinned is not None and channel.input_view(1, HIDDEN).is_pinned()
+        x = torch.randn(3, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(400_000_000)  # cycles: 0.2-0.3 s of device time at 1.4-2 GHz
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            t0 = time.perf_counter()
+            seq = channel.submit(x, adapter_id=1, layer=0, group=0, out_width=HIDDEN)
+            submitted_s = time.perf_counter() - t0
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert submitted_s < 0.05 and channel.ctrl[REQ_SEQ] != seq  # enqueued, not landed
+        torch.cuda.synchronize()
+        assert channel.ctrl[REQ_SEQ] == seq
+        torch.testing.assert_close(channel.input_view(3, HIDDEN), x.float().cpu())
+    finally:
+        channel.close()
+
+
 def test_killed_worker_raises_quickly_and_leaves_nothing(host_cache, slot_weights):
     _, hosts = host_cache
     p = new_pool(2, timeout_s=30.0)
