@@ -14,7 +14,8 @@ Modes (EngineConfig.cpu_assist):
           and the step runs at once: the prefill delta of every layer whose group has not landed comes from the
           workers, the landed layers use the device kernels. A slot's decode tokens (and a range whose worker
           failed) wait for its whole load, on the device stream (the host does not block). Once loaded, the
-          adapter is an ordinary resident one. Without a live worker a cold adapter loads as with off.
+          adapter is an ordinary resident one. Without a live worker a cold adapter loads as with off. The loads
+          copy from the host cache itself, page-locked in place on a GPU (`_LoadSource`).
 
 Workers: `num_workers` processes spawned by the engine, plus any `caraserve serve cpu_prefill` process of the node
 that joins through the engine's socket in <data dir>/run/cpu_prefill/ (services/cpu_prefill/rendezvous.py); they
@@ -26,12 +27,16 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from services.cpu_prefill.backend import CpuAssistLoRABackend
-from services.cpu_prefill.host_cache import HostAdapter, HostAdapterCache, HostCacheError
+from services.cpu_prefill.host_cache import HostAdapter, HostAdapterCache, HostCacheError, attach
+from services.cpu_prefill.pinning import PinnedRange, pin_host_memory
 from services.cpu_prefill.pool import CpuPrefillPool
 from services.cpu_prefill.rendezvous import RendezvousError, run_dir
 from services.gpu_worker.lora.pipelined_load import LayerGroupLoad, LoadError, PipelinedLoader, layer_groups
-from shared.adapters import LoRAAdapter
+from services.gpu_worker.lora.slot_weights import PROJECTION_GROUPS
+from shared.adapters import LoRAAdapter, LoRAModuleWeights
 
 # an adapter's layers load in this many groups (the artifact: 32 layers in 4 groups)
 LOAD_GROUPS = 4
@@ -75,6 +80,7 @@ class CpuAssist:
         self._held: dict[str, HostAdapter] = {}  # adapters registered with the engine and in the host cache
         self.pipelined_loads = 0  # cold adapters loaded pipelined (auto), for tests and stats
         self._loads: dict[str, tuple[LayerGroupLoad, object, object]] = {}  # auto: name -> (load, content, write)
+        self._sources: dict[str, _LoadSource] = {}  # auto: held adapter -> its weights in the host cache
         hooks = {}
         if mode == "auto":
             self._reserve_slot, self.loader = reserve_slot, loader
@@ -90,18 +96,27 @@ class CpuAssist:
 
     def add(self, adapter: LoRAAdapter) -> None:
         """Lay a newly registered adapter out in the host cache (held until `remove`); if it does not fit, its
-        prefills stay on the device."""
+        prefills stay on the device. With auto, its pipelined loads read from there too (`_load_source`)."""
         self.remove(adapter.name)
-        if self.mode == "auto" and self.loader.device.type == "cuda":  # the side stream's copies are async only
-            for m in adapter.modules:                                   # from pinned memory
-                m.lora_a, m.lora_b = m.lora_a.pin_memory(), m.lora_b.pin_memory()
         try:
             self.host.put(adapter, self.num_layers, self.part_widths)
-            self._held[adapter.name] = self.host.acquire(adapter.name)
+            self._held[adapter.name] = host = self.host.acquire(adapter.name)
         except HostCacheError as exc:
             log.warning("adapter %s not CPU-assisted: %s", adapter.name, exc)
+            return
+        if self.mode == "auto":
+            self._sources[adapter.name] = _LoadSource(adapter, host, self.part_widths, self.loader.device)
 
     def remove(self, name: str) -> None:
+        entry = self._loads.pop(name, None)
+        if entry is not None:  # its copies read the host cache's pages: they finish before those go
+            try:
+                entry[0].wait()
+            except LoadError:
+                pass
+        source = self._sources.pop(name, None)
+        if source is not None:
+            source.close()
         host = self._held.pop(name, None)
         if host is not None:
             self.host.release(name)
@@ -126,9 +141,10 @@ class CpuAssist:
     # ---- auto: pipelined loads ----
     def _build_slot(self, adapter: LoRAAdapter):
         """AdapterCache's slot filler in auto mode: a cold adapter the workers can cover loads pipelined."""
-        if adapter.name not in self._held or not self.pool.alive():
+        source = self._sources.get(adapter.name)
+        if source is None or not self.pool.alive():
             return self._build_resident(adapter)
-        content, write = self._reserve_slot(adapter)
+        content, write = self._reserve_slot(source.adapter)
         self._loads[adapter.name] = (self.loader.start(self._groups, write), content, write)
         self.pipelined_loads += 1
         return content
@@ -183,5 +199,44 @@ class CpuAssist:
     def close(self) -> None:
         """Stop the workers (joined ones leave), remove the socket, unlink every shared-memory segment (idempotent)."""
         self.wait_for_loads()
+        for source in self._sources.values():
+            source.close()
+        self._sources.clear()
         self.pool.close()
         self.host.close()
+
+
+class _LoadSource:
+    """What a pipelined load copies to the device (auto): the adapter's tensors in its host cache segment, mapped
+    once more here and page-locked in place on a GPU (cudaHostRegister), so the side stream's copies are async and
+    the node keeps one host copy of each adapter. `adapter` views them as modules: each part's rows of its group's
+    stacked A, and its B already scaled (scale 1), which the slot writers read as they read a loaded adapter's."""
+
+    def __init__(self, adapter: LoRAAdapter, host: HostAdapter, part_widths: dict[str, int],
+                 device: torch.device) -> None:
+        self._shm, layers = attach(host)
+        self._pinned: PinnedRange | None = None
+        if device.type == "cuda":
+            self._pinned = pin_host_memory(torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=host.nbytes))
+        modules = []
+        for layer, groups in enumerate(layers):
+            for group, (a, parts) in groups.items():
+                starts, offset = {}, 0
+                for name in PROJECTION_GROUPS[group]:  # a part is named by where its columns start
+                    starts[offset] = name
+                    offset += part_widths[name]
+                for out_start, _, rank_start, rank_end, b in parts:
+                    modules.append(LoRAModuleWeights(layer, starts[out_start], a[rank_start:rank_end], b, 1.0))
+        self.adapter = LoRAAdapter(adapter.name, adapter.path, adapter.config, modules)
+
+    def close(self) -> None:
+        if self._pinned is not None:  # before the mapping goes
+            self._pinned.release()
+            self._pinned = None
+        if self._shm is not None:
+            shm, self._shm = self._shm, None
+            self.adapter = None
+            try:
+                shm.close()
+            except BufferError:  # a view is still referenced somewhere: the mapping goes with it
+                pass

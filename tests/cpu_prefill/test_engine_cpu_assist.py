@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 import threading
 
@@ -221,10 +222,18 @@ def test_auto_equals_off(tiny_model, reference, tmp_path, monkeypatch):
     """Several cold adapters and a base request in the same steps, loads landing whenever they do."""
     engine = auto_engine(tiny_model, tmp_path, monkeypatch, cpu_workers=2)
     try:
+        assist = engine.cpu_assist
+        for name, source in assist._sources.items():  # the loads copy from the host cache, not from a copy of it
+            host = assist._held[name]
+            base = torch.frombuffer(source._shm.buf, dtype=torch.uint8).data_ptr()
+            for m in source.adapter.modules:
+                assert base <= m.lora_a.data_ptr() < base + host.nbytes and m.scale == 1.0
+        assert sorted(assist._sources) == sorted(n for n in MODELS if n)
         results = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, logprobs=True), MODELS)
         assert engine.cpu_assist.pipelined_loads == 3 and engine.cpu_assist.loading == []
     finally:
         engine.close()
+    assert not assist._sources
     assert_same_outputs(results, reference, abs=1e-4)
 
 
@@ -267,6 +276,8 @@ def test_auto_on_cuda_equals_off(tiny_model, tmp_path):
                           data_dir=str(tmp_path))
     try:
         assert engine.cpu_assist.pipelined_loads == 3 and engine.cpu_assist.loading == []
+        for source in engine.cpu_assist._sources.values():  # page-locked in place: the side stream's copies are async
+            assert source._pinned is not None and source.adapter.modules[0].lora_a.is_pinned()
     finally:
         engine.close()
     assert_same_outputs(results, off, abs=1e-3)
