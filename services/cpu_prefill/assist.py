@@ -88,7 +88,9 @@ class CpuAssist:
             self._build_resident, self._free_resident = adapters.build_slot, adapters.free_slot
             adapters.build_slot, adapters.free_slot = self._build_slot, self._free_slot
             hooks = dict(on_cpu=self._on_cpu, on_fallback=self._finish_load, on_device=self._finish_load)
-        self.backend = CpuAssistLoRABackend(model.lora_backend, self.pool, self.host_adapter_of, **hooks)
+        out_widths = {g: sum(part_widths[n] for n in names) for g, names in PROJECTION_GROUPS.items()}
+        self.backend = CpuAssistLoRABackend(model.lora_backend, self.pool, self.host_adapter_of,
+                                            out_widths=out_widths, **hooks)
         model.lora_backend = self.backend
         log.info("CPU-assisted prefill: %d cpu_prefill workers spawned, %s, host adapter cache %.0f MiB",
                  num_workers, f"others join at {self.pool.socket_path}" if self.pool.socket_path else "no joiners",

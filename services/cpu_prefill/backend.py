@@ -10,6 +10,9 @@ of the step:
 - everything else — decode tokens, adapters not assisted, layers already loaded — goes to the inner backend, with
   a LoRABatchInfo holding only those ranges (prepared lazily, once per distinct set, per step).
 
+With `out_widths`, the model's `begin(x, ...)` before each base projection hands the first such range to the
+workers at once (pool.start_delta), so they compute while the device runs the projection; `apply` waits for it.
+
 `prefill_ranges` (token ranges [start, end) of the step's prefill chunks in the flat batch) tells prefill from
 decode; None treats every token as prefill (cpu_assist=always on a CPU machine with prefill-only steps).
 `on_device(slot)`, when given, is called in prepare for every slot with ranges on the inner backend this step (the
@@ -45,6 +48,7 @@ class CpuAssistStep:
     assisted: list[tuple[Segment, HostAdapter]]  # prefill ranges of CPU-assisted adapters
     slots: list  # the step's slot list, for preparing inner infos lazily
     inner_infos: dict[tuple[Segment, ...], LoRABatchInfo | None] = field(default_factory=dict)
+    started: tuple | None = None  # (layer, group, segment, PendingDelta) handed to the workers by `begin`
 
 
 def _split(segment: Segment, prefill: list[tuple[int, int]] | None) -> tuple[list[Segment], list[Segment]]:
@@ -77,6 +81,7 @@ class CpuAssistLoRABackend:
         on_cpu: Callable[[int, int], bool] | None = None,
         on_fallback: Callable[[int], None] | None = None,
         on_device: Callable[[int], None] | None = None,
+        out_widths: dict[str, int] | None = None,
     ) -> None:
         self.inner = inner  # TorchLoRABackend or TritonLoRABackend: decode, resident adapters, fallback
         self.pool = pool
@@ -84,6 +89,7 @@ class CpuAssistLoRABackend:
         self.on_cpu = on_cpu  # (slot, layer) -> whether that layer's LoRA still runs on the CPU; None: always
         self.on_fallback = on_fallback  # called with the slot before a range falls back to the inner backend
         self.on_device = on_device  # called (in prepare) with each slot whose ranges the inner backend will compute
+        self.out_widths = out_widths  # group -> its fused projection's width; None: `begin` starts nothing
         self.landed_ranges = 0  # assisted ranges of layers already loaded, so on the inner backend (likewise)
         self.fallbacks = 0  # ranges that fell back (a counter for tests and metrics)
         self.cpu_ranges = 0  # ranges whose delta the workers computed (likewise)
@@ -124,6 +130,25 @@ class CpuAssistLoRABackend:
             step.inner_infos[extra] = sub
         return step.inner_infos[extra]
 
+    def begin(self, x: torch.Tensor, slots: list, layer: int, group: str, info: LoRABatchInfo) -> None:
+        """Called before the base projection of `group`: the first range whose delta the workers compute is handed
+        to them now, so they work while the device runs the projection (DESIGN.md: copy out, signal, then launch
+        the base GEMMs); `apply` waits for it. (Each worker holds one task: later ranges go in `apply`.)"""
+        step = info.kernel_meta
+        if self.out_widths is None or not isinstance(step, CpuAssistStep):
+            return
+        step.started = None
+        for (slot, start, end), host in step.assisted:
+            if self.on_cpu is not None and not self.on_cpu(slot, layer):
+                continue
+            try:
+                pending = self.pool.start_delta(host, layer, group, x[start:end], self.out_widths[group])
+            except CpuAssistError:
+                return  # apply asks again, and falls back as it does
+            if pending is not None:
+                step.started = (layer, group, (slot, start, end), pending)
+                return
+
     def apply(
         self, y: torch.Tensor, x: torch.Tensor, slots: list, layer: int, group: str, info: LoRABatchInfo
     ) -> None:
@@ -131,6 +156,9 @@ class CpuAssistLoRABackend:
         step = info.kernel_meta
         if not isinstance(step, CpuAssistStep):
             raise RuntimeError("CpuAssistLoRABackend.prepare was not called for this step")
+        started, step.started = step.started, None
+        if started is not None and started[:2] != (layer, group):
+            started = None  # begun for another projection and never applied: its workers finish it unread
         on_cpu, on_gpu = [], []
         for seg, host in step.assisted:
             (on_cpu if self.on_cpu is None or self.on_cpu(seg[0], layer) else on_gpu).append((seg, host))
@@ -144,8 +172,12 @@ class CpuAssistLoRABackend:
             if host.layers[layer].get(group) is None:
                 continue  # the adapter does not target this group in this layer
             try:  # adds into y[start:end] only once every slice is back; untouched when it raises
-                self.pool.compute_delta(host, layer, group, x[start:end], out_features=y.shape[1],
-                                        add_to=y[start:end])
+                if started is not None and started[2] == (slot, start, end):
+                    self.pool.finish_delta(started[3], y[start:end])
+                    started = None
+                else:
+                    self.pool.compute_delta(host, layer, group, x[start:end], out_features=y.shape[1],
+                                            add_to=y[start:end])
                 self.cpu_ranges += 1
             except CpuAssistError as e:
                 workers_gone = self.pool.alive() == 0

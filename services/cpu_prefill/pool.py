@@ -118,6 +118,15 @@ class _Joined:
 
 
 @dataclass
+class PendingDelta:
+    """A delta handed to the workers by `start_delta`, not yet waited for."""
+
+    tasks: list  # (worker, seq, start, end) of each token slice
+    deadline: float  # time.monotonic() after which its workers count as stalled
+    out_features: int
+
+
+@dataclass
 class _Worker:
     index: int
     handle: _Spawned | _Joined
@@ -328,35 +337,23 @@ class CpuPrefillPool:
         workers' buffers, no intermediate) and add_to is returned; it is left untouched when the call raises.
         Raises CpuAssistTimeout (a worker died or stalled, or none is alive) or CpuAssistError (a worker failed).
         """
-        if self._closed:
-            raise CpuAssistError("the cpu_prefill pool is closed")
-        hg = host.layers[layer].get(group)
+        hg = self._check(host, layer, group, x, out_features)
         if out_features is None:
             out_features = hg.parts[-1].out_end if hg is not None else 0
-        n, width = x.shape
+        n = x.shape[0]
         if hg is None or n == 0:
             return add_to if add_to is not None else torch.zeros(n, out_features, dtype=torch.float32)
-        if width > self.max_in or out_features > self.max_out:
-            raise ValueError(f"[{n}, {width}] -> {out_features} exceeds the pool's max_in {self.max_in} / "
-                             f"max_out {self.max_out}")
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        adapter_id = self._adapter_ids.setdefault(host.segment, len(self._adapter_ids) + 1)
-        task = (host, adapter_id, layer, GROUP_NAMES.index(group), out_features)
-        workers = self._usable()
-        if not workers:
-            raise CpuAssistTimeout("no cpu_prefill worker is alive")
-        if add_to is not None and 0 < n <= len(workers) * self.max_tokens:  # one round: add from the buffers
-            pending = self._round(task, x, 0, deadline, workers)
-            for w, _, s, e in pending:
-                out = w.channel.output_view(e - s, out_features)
-                # from a page-locked output the copy is async: the stream orders it before the worker's next seq
-                add_to[s:e] += out if add_to.device.type == "cpu" else \
-                    out.to(add_to.device, add_to.dtype, non_blocking=w.channel.signals_on_stream)
-            return add_to
+        task = self._task(host, layer, group, out_features)
+        workers = self._usable_or_raise()
+        if add_to is not None and n <= len(workers) * self.max_tokens:  # one round: add from the buffers
+            pending = PendingDelta(self._submit_round(task, x, 0, deadline, workers), deadline, out_features)
+            return self.finish_delta(pending, add_to)
         delta = torch.empty(n, out_features, dtype=torch.float32)
         done = 0
         while done < n:  # rounds only when n exceeds max_tokens per live worker
-            pending = self._round(task, x, done, deadline, workers)  # a worker lost raises: the set holds
+            pending = self._submit_round(task, x, done, deadline, workers)
+            self._wait_done(pending, deadline)  # a worker lost raises: the set holds
             for w, _, s, e in pending:
                 delta[s:e] = w.channel.output_view(e - s, out_features)
             done = pending[-1][3]
@@ -365,9 +362,57 @@ class CpuPrefillPool:
             return add_to
         return delta
 
-    def _round(self, task: tuple, x: torch.Tensor, done: int, deadline: float, workers: list[_Worker]
-               ) -> list[tuple[_Worker, int, int, int]]:
-        """Hand tokens done.. of x to `workers` (at most max_tokens each), wait for all; (worker, seq, s, e)."""
+    def start_delta(self, host: HostAdapter, layer: int, group: str, x: torch.Tensor, out_features: int,
+                    timeout_s: float | None = None) -> PendingDelta | None:
+        """Hand the delta of x [n, in] to the workers and return at once (with signal_through, without waiting for
+        the device either): the caller runs the base projection meanwhile, then `finish_delta` waits and adds.
+        None when it cannot start so (nothing to compute: the adapter does not target the group; or more tokens
+        than one round takes: compute_delta does those). Raises as compute_delta."""
+        hg = self._check(host, layer, group, x, out_features)
+        n = x.shape[0]
+        if hg is None or n == 0:
+            return None
+        workers = self._usable_or_raise()
+        if n > len(workers) * self.max_tokens:
+            return None
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        task = self._task(host, layer, group, out_features)
+        return PendingDelta(self._submit_round(task, x, 0, deadline, workers), deadline, out_features)
+
+    def finish_delta(self, pending: PendingDelta, add_to: torch.Tensor) -> torch.Tensor:
+        """Wait for a started delta and add it into add_to ([n, out_features], any device/dtype); add_to is left
+        untouched when this raises (as compute_delta)."""
+        self._wait_done(pending.tasks, pending.deadline)
+        for w, _, s, e in pending.tasks:
+            out = w.channel.output_view(e - s, pending.out_features)
+            # from a page-locked output the copy is async: the stream orders it before the worker's next seq
+            add_to[s:e] += out if add_to.device.type == "cpu" else \
+                out.to(add_to.device, add_to.dtype, non_blocking=w.channel.signals_on_stream)
+        return add_to
+
+    def _check(self, host: HostAdapter, layer: int, group: str, x: torch.Tensor, out_features: int | None):
+        """The host group of the task (None: not targeted); raises if the pool is closed or the task too wide."""
+        if self._closed:
+            raise CpuAssistError("the cpu_prefill pool is closed")
+        width = x.shape[1]
+        if width > self.max_in or (out_features or 0) > self.max_out:
+            raise ValueError(f"[{x.shape[0]}, {width}] -> {out_features} exceeds the pool's max_in {self.max_in} / "
+                             f"max_out {self.max_out}")
+        return host.layers[layer].get(group)
+
+    def _task(self, host: HostAdapter, layer: int, group: str, out_features: int) -> tuple:
+        adapter_id = self._adapter_ids.setdefault(host.segment, len(self._adapter_ids) + 1)
+        return host, adapter_id, layer, GROUP_NAMES.index(group), out_features
+
+    def _usable_or_raise(self) -> list[_Worker]:
+        workers = self._usable()
+        if not workers:
+            raise CpuAssistTimeout("no cpu_prefill worker is alive")
+        return workers
+
+    def _submit_round(self, task: tuple, x: torch.Tensor, done: int, deadline: float, workers: list[_Worker]
+                      ) -> list[tuple[_Worker, int, int, int]]:
+        """Hand tokens done.. of x to `workers` (at most max_tokens each); (worker, seq, s, e) of each slice."""
         host, adapter_id, layer, group_idx, out_features = task
         count = min(x.shape[0] - done, len(workers) * self.max_tokens)
         per, extra = divmod(count, len(workers))
@@ -388,7 +433,6 @@ class CpuPrefillPool:
             seq = w.channel.submit(x[start : start + size], adapter_id, layer, group_idx, out_features)
             pending.append((w, seq, start, start + size))
             start += size
-        self._wait_done(pending, deadline)
         return pending
 
     def forget(self, host: HostAdapter) -> None:

@@ -309,6 +309,37 @@ def test_backend_matches_torch_backend(pool2, host_cache, slot_weights):
     assert backend.fallbacks == 0
 
 
+def test_backend_begin_hands_the_first_range_over_before_the_projection(pool2, host_cache, slot_weights):
+    """begin() (the model calls it before each base projection) hands the first CPU range to the workers at once;
+    apply() waits for that one and computes the others: same outputs, as many ranges on the workers."""
+    _, hosts = host_cache
+    backend = CpuAssistLoRABackend(TorchLoRABackend(), pool2, lambda slot: hosts[slot], out_widths=GROUP_OUT)
+    info = LoRABatchInfo(SEGMENTS)
+    backend.prepare(info, slot_weights, prefill_ranges=PREFILLS)
+    g = torch.Generator().manual_seed(0)  # run_model_layers' inputs, with begin() before each apply()
+    outs, handed = [], 0
+    for layer in range(NUM_LAYERS):
+        for group in PROJECTION_GROUPS:
+            x = torch.randn(T, GROUP_IN[group], generator=g)
+            y = torch.randn(T, GROUP_OUT[group], generator=g)
+            seqs = [w.channel.last_seq for w in pool2._workers]
+            backend.begin(x, slot_weights, layer, group, info)
+            started = info.kernel_meta.started
+            if started is not None:  # handed over: every worker got its slice before the projection
+                handed += 1
+                first = next(r for r in ((0, 0, 9), (1, 14, 30), (2, 32, 40))  # the prefill ranges, in order
+                             if hosts[r[0]].layers[layer].get(group) is not None)
+                assert started[:3] == (layer, group, first)
+                assert [w.channel.last_seq for w in pool2._workers] == [q + 1 for q in seqs]
+            backend.apply(y, x, slot_weights, layer, group, info)
+            assert info.kernel_meta.started is None
+            outs.append(y)
+    assert handed == NUM_LAYERS * len(PROJECTION_GROUPS)  # adapter 0 targets every group in every layer
+    for got, want in zip(outs, expected_outputs(slot_weights)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert backend.fallbacks == 0 and backend.cpu_ranges > handed
+
+
 def test_backend_routes_prefill_to_workers_and_decode_to_inner(pool2, host_cache, slot_weights):
     """With the adapters absent from the inner backend's slots, only the workers can produce prefill deltas."""
     _, hosts = host_cache

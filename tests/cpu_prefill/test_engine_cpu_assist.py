@@ -80,13 +80,20 @@ def reference(tiny_model):
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
-def test_always_equals_off(tiny_model, reference, workers, tmp_path):
+def test_always_equals_off(tiny_model, reference, workers, tmp_path, monkeypatch):
+    from services.cpu_prefill.pool import CpuPrefillPool
+
     before = shm_entries()
+    started = []  # deltas handed over before their base projection (the model's begin)
+    start_delta = CpuPrefillPool.start_delta
+    monkeypatch.setattr(CpuPrefillPool, "start_delta",
+                        lambda *a: started.append(start_delta(*a)) or started[-1])
     results, engine = run(tiny_model, cpu_assist="always", cpu_workers=workers, data_dir=str(tmp_path))
     try:
         assert engine.cpu_assist.pool.alive() == workers
         assert engine.cpu_assist.fallbacks == 0
         assert engine.cpu_assist.backend.cpu_ranges > 0  # the workers really computed the prefill deltas
+        assert [p for p in started if p is not None]
     finally:
         engine.close()
     assert_same_outputs(results, reference, abs=1e-4)

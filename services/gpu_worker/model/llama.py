@@ -92,21 +92,31 @@ class LlamaModel:
         lora = batch.lora
         rope = self._rope_inputs(batch)
         residual, delta = w.embed[batch.input_ids], None  # [T, hidden]; the stream is residual + delta
+        # a backend whose deltas are computed elsewhere (CPU assist) gets the input before the base projection
+        begin = getattr(self.lora_backend, "begin", None) if lora is not None else None
         for i, lw in enumerate(w.layers):
             x, residual = self._add_norm(delta, residual, lw.input_norm)
+            if begin is not None:
+                begin(x, lora_slots, i, "qkv", lora)
             qkv = linear(x, lw.qkv, lw.qkv_bias)  # [T, q + 2 kv]
             if lora is not None:
                 self.lora_backend.apply(qkv, x, lora_slots, i, "qkv", lora)
             q, k, v = self._rope_and_cache(qkv, rope, k_cache[i], v_cache[i], batch)
             attn = self._attention(q, k, v, k_cache[i], v_cache[i], batch)  # [T, q_width]
+            if begin is not None:
+                begin(attn, lora_slots, i, "o", lora)
             o = linear(attn, lw.o, lw.o_bias)
             if lora is not None:
                 self.lora_backend.apply(o, attn, lora_slots, i, "o", lora)
             x, residual = self._add_norm(o, residual, lw.post_norm)
+            if begin is not None:
+                begin(x, lora_slots, i, "gate_up", lora)
             gate_up = linear(x, lw.gate_up)
             if lora is not None:
                 self.lora_backend.apply(gate_up, x, lora_slots, i, "gate_up", lora)
             act = self._silu_mul(gate_up)
+            if begin is not None:
+                begin(act, lora_slots, i, "down", lora)
             delta = linear(act, lw.down)
             if lora is not None:
                 self.lora_backend.apply(delta, act, lora_slots, i, "down", lora)
