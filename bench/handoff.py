@@ -122,6 +122,7 @@ def bench_round_trips(ctx, torch, hidden: int, token_counts: list[int], iters: i
         def signal_call() -> None:  # the bare flag round trip: no payload, no torch
             seq = ctrl[REQ_SEQ] + 1
             ctrl[REQ_SEQ] = seq
+            channel.last_seq = seq  # (what submit would count)
             while ctrl[DONE_SEQ] != seq:
                 pass
 
