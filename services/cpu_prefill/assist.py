@@ -107,7 +107,10 @@ class CpuAssist:
             log.warning("adapter %s not CPU-assisted: %s", adapter.name, exc)
             return
         if self.mode == "auto":
-            self._sources[adapter.name] = _LoadSource(adapter, host, self.part_widths, self.loader.device)
+            try:
+                self._sources[adapter.name] = _LoadSource(adapter, host, self.part_widths, self.loader.device)
+            except (OSError, ValueError) as exc:  # its segment cannot be mapped here: it loads whole, as with off
+                log.warning("adapter %s loads without pipelining: %s", adapter.name, exc)
 
     def remove(self, name: str) -> None:
         entry = self._loads.pop(name, None)
