@@ -104,7 +104,7 @@ write_model(out, SHAPES["7b"], torch.device("cuda"), torch.bfloat16)
 print("wrote", out)
 EOF
     fi
-    $PY -m services.cli profile --model "$model" --device cuda --dtype bfloat16 --lora-backend triton \
+    $PY -m services.cli profile --model "$model" --device cuda --dtype bfloat16 --lora-backend triton --cpu-assist off \
         --batch-sizes 1,2,4,8,16,32,64 --prompt-lengths 64,128,256,512,1024 -o "$OUT/perf_model.json"
 }
 
