@@ -98,7 +98,7 @@ class CpuAssist:
 
     def add(self, adapter: LoRAAdapter) -> None:
         """Lay a newly registered adapter out in the host cache (held until `remove`); if it does not fit, its
-        prefills stay on the device. With auto, its pipelined loads read from there too (`_load_source`)."""
+        prefills stay on the device. With auto, its pipelined loads read from there too (`_LoadSource`)."""
         self.remove(adapter.name)
         try:
             self.host.put(adapter, self.num_layers, self.part_widths)
@@ -213,8 +213,8 @@ class CpuAssist:
 
 class _LoadSource:
     """What a pipelined load copies to the device (auto): the adapter's tensors in its host cache segment, mapped
-    once more here and page-locked in place on a GPU (cudaHostRegister), so the side stream's copies are async and
-    the node keeps one host copy of each adapter. `adapter` views them as modules: each part's rows of its group's
+    once more here and page-locked in place on a GPU (cudaHostRegister), so the side stream's copies are async
+    without a pinned copy of every module. `adapter` views them as modules: each part's rows of its group's
     stacked A, and its B already scaled (scale 1), which the slot writers read as they read a loaded adapter's."""
 
     def __init__(self, adapter: LoRAAdapter, host: HostAdapter, part_widths: dict[str, int],

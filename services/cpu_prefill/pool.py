@@ -10,7 +10,9 @@ Workers come two ways and are then handled alike:
 
 `compute_delta(host, layer, group, x)` splits x's tokens into contiguous slices, one per live worker, hands each
 slice to its worker through shared memory and waits for all of them; the result is the LoRA delta to add to the
-projection output. A worker that dies or stalls does not hang the caller: after `timeout_s` (at once for a dead
+projection output. `start_delta` hands them over and returns at once (the caller runs the base projection
+meanwhile), `finish_delta` waits and adds. With `device` a GPU, every channel hands requests over through the
+device's stream, without synchronising the engine's thread (handoff.py, `signal_through`). A worker that dies or stalls does not hang the caller: after `timeout_s` (at once for a dead
 one) the call raises CpuAssistTimeout, the worker is retired (a spawned one killed; a joined one disconnected; its
 channel unlinked) and later calls use the others; the engine falls back to its own LoRA path for that call.
 
