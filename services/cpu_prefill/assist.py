@@ -15,7 +15,10 @@ Modes (EngineConfig.cpu_assist):
           workers, the landed layers use the device kernels. A slot's decode tokens (and a range whose worker
           failed) wait for its whole load, on the device stream (the host does not block). Once loaded, the
           adapter is an ordinary resident one. Without a live worker a cold adapter loads as with off. The loads
-          copy from the host cache itself, page-locked in place on a GPU (`_LoadSource`).
+          copy from the host cache itself, page-locked in place on a GPU (`_LoadSource`). A range goes to the
+          workers only if they are expected to finish it before its layer's group lands (their measured speed
+          against the loads' measured bandwidth; before anything is measured, it does); otherwise the device waits
+          for that group's event and computes it: on a GPU with fast copies, waiting can beat the CPU.
 
 Workers: `num_workers` processes spawned by the engine, plus any `caraserve serve cpu_prefill` process of the node
 that joins through the engine's socket in <data dir>/run/cpu_prefill/ (services/cpu_prefill/rendezvous.py); they
@@ -26,6 +29,7 @@ that range (after the pool's timeout); the request completes either way.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -79,6 +83,9 @@ class CpuAssist:
             raise
         self._held: dict[str, HostAdapter] = {}  # adapters registered with the engine and in the host cache
         self.pipelined_loads = 0  # cold adapters loaded pipelined (auto), for tests and stats
+        self.device_waits = 0  # auto: ranges of a loading layer left to the device, its group expected sooner
+        self.load_bytes_per_s: float | None = None  # auto: measured pipelined load bandwidth (EWMA)
+        self._unmeasured: list[tuple[LayerGroupLoad, int]] = []  # auto: loads out of _loads, not yet timed
         self._loads: dict[str, tuple[LayerGroupLoad, object, object]] = {}  # auto: name -> (load, content, write)
         self._sources: dict[str, _LoadSource] = {}  # auto: held adapter -> its weights in the host cache
         hooks = {}
@@ -87,7 +94,8 @@ class CpuAssist:
             self._groups = layer_groups(num_layers, load_groups)
             self._build_resident, self._free_resident = adapters.build_slot, adapters.free_slot
             adapters.build_slot, adapters.free_slot = self._build_slot, self._free_slot
-            hooks = dict(on_cpu=self._on_cpu, on_fallback=self._finish_load, on_device=self._finish_load)
+            hooks = dict(on_cpu=self._on_cpu, on_fallback=self._finish_load, on_device=self._finish_load,
+                         on_layer_device=self._wait_layer)
         out_widths = {g: sum(part_widths[n] for n in names) for g, names in PROJECTION_GROUPS.items()}
         self.backend = CpuAssistLoRABackend(model.lora_backend, self.pool, self.host_adapter_of,
                                             out_widths=out_widths, **hooks)
@@ -135,11 +143,13 @@ class CpuAssist:
         if name is None:
             return None
         if self.mode == "auto":
+            if self._unmeasured:
+                self._measure_loads()
             entry = self._loads.get(name)
             if entry is None:
                 return None
             if entry[0].done():
-                del self._loads[name]  # landed: an ordinary resident adapter from now on
+                self._pop_load(name)  # landed: an ordinary resident adapter from now on
                 return None
         return self._held.get(name)
 
@@ -158,7 +168,7 @@ class CpuAssist:
         """A slot is emptied: a load still writing into it finishes first (its rows or tensors are reused)."""
         for name, (load, loaded, _) in list(self._loads.items()):
             if loaded is content:
-                del self._loads[name]
+                self._pop_load(name)
                 try:
                     load.wait()
                 except LoadError:
@@ -166,15 +176,68 @@ class CpuAssist:
         if self._free_resident is not None:
             self._free_resident(content)
 
-    def _on_cpu(self, slot: int, layer: int) -> bool:
+    def _on_cpu(self, slot: int, layer: int, group: str, tokens: int) -> bool:
+        """Whether the workers compute this range: its layer has not landed, and they are expected to be done
+        before it lands (from the workers' measured speed and the loads' measured bandwidth; before either is
+        measured, they are). Otherwise the device computes it once its group has landed (`_wait_layer`): on a
+        GPU whose copies are fast, waiting for a group can beat the CPU."""
         name = self.adapters.name_in_slot(slot)
         entry = self._loads.get(name) if name is not None else None
-        return entry is not None and not entry[0].landed(layer)
+        if entry is None or entry[0].landed(layer):
+            return False
+        host = self._held.get(name)
+        cpu_s = self.pool.estimate_s(host, layer, group, tokens) if host is not None else None
+        land_s = self._lands_in(entry[0], layer, host)
+        if cpu_s is None or land_s is None or cpu_s <= land_s:
+            return True
+        self.device_waits += 1
+        return False
+
+    def _lands_in(self, load: LayerGroupLoad, layer: int, host: HostAdapter | None) -> float | None:
+        """Seconds until `layer`'s group should have landed, at the loads' measured bandwidth (None: unknown)."""
+        if self.load_bytes_per_s is None or host is None:
+            return None
+        through = load.groups[load.group_of(layer)][-1] + 1  # layers written once that group is
+        return load.started + host.nbytes * through / self.num_layers / self.load_bytes_per_s - time.monotonic()
+
+    def _wait_layer(self, slot: int, layer: int) -> None:
+        """The device computes a range of `slot` at `layer`: make it wait for that layer's group if still loading."""
+        name = self.adapters.name_in_slot(slot)
+        entry = self._loads.get(name) if name is not None else None
+        if entry is None or entry[0].landed(layer):
+            return
+        try:
+            entry[0].wait_layer_on_device(layer)
+        except LoadError:
+            self._finish_load(slot)  # writes it again at once
+
+    def _pop_load(self, name: str):
+        """Remove `name`'s load entry (returned); its time is measured once it is complete (`_measure_loads`)."""
+        entry = self._loads.pop(name, None)
+        host = self._held.get(name)
+        if entry is not None and host is not None:
+            self._unmeasured.append((entry[0], host.nbytes))
+        return entry
+
+    def _measure_loads(self) -> None:
+        """Fold the loads completed since into the bandwidth estimate (EWMA)."""
+        pending = []
+        for load, nbytes in self._unmeasured:
+            if load.error is not None:
+                continue
+            seconds = load.seconds()
+            if seconds is None:
+                pending.append((load, nbytes))
+            elif seconds > 0:
+                rate = nbytes / seconds
+                self.load_bytes_per_s = rate if self.load_bytes_per_s is None else \
+                    0.8 * self.load_bytes_per_s + 0.2 * rate
+        self._unmeasured = pending[-8:]
 
     def _finish_load(self, slot: int) -> None:
         """The device computes `slot`'s ranges: make its load complete first (decode, a worker that failed)."""
         name = self.adapters.name_in_slot(slot)
-        entry = self._loads.pop(name, None) if name is not None else None
+        entry = self._pop_load(name) if name is not None else None
         if entry is None:
             return
         load, content, write = entry

@@ -5,7 +5,8 @@ the model calls `apply(y, x, slots, layer, group, info)` per layer and fused gro
 of the step:
 
 - its prefill tokens, when `host_adapter_of(slot)` names a host-cache copy (the adapter is CPU-assisted this step)
-  and `on_cpu(slot, layer)` holds (its layer group has not landed on the device yet), get their delta from the
+  and `on_cpu(slot, layer, group, tokens)` holds (its layer group has not landed on the device yet, and the workers
+  are expected to be done before it lands), get their delta from the
   cpu_prefill pool: y[range] += pool.compute_delta(host, layer, group, x[range]);
 - everything else — decode tokens, adapters not assisted, layers already loaded — goes to the inner backend, with
   a LoRABatchInfo holding only those ranges (prepared lazily, once per distinct set, per step).
@@ -15,6 +16,8 @@ workers at once (pool.start_delta), so they compute while the device runs the pr
 
 `prefill_ranges` (token ranges [start, end) of the step's prefill chunks in the flat batch) tells prefill from
 decode; None treats every token as prefill (cpu_assist=always on a CPU machine with prefill-only steps).
+`on_layer_device(slot, layer)`, when given, is called before the inner backend computes a CPU-assisted range of a
+layer (the engine's hook to make the device wait for that layer's group, if it has not landed).
 `on_device(slot)`, when given, is called in prepare for every slot with ranges on the inner backend this step (the
 engine's hook to make a slot that is still loading complete first: decode tokens need every layer).
 When the pool raises CpuAssistError (a worker died, stalled or failed) the range falls back to the inner backend
@@ -78,15 +81,17 @@ class CpuAssistLoRABackend:
         inner,
         pool: CpuPrefillPool,
         host_adapter_of: Callable[[int], HostAdapter | None],
-        on_cpu: Callable[[int, int], bool] | None = None,
+        on_cpu: Callable[[int, int, str, int], bool] | None = None,
         on_fallback: Callable[[int], None] | None = None,
         on_device: Callable[[int], None] | None = None,
         out_widths: dict[str, int] | None = None,
+        on_layer_device: Callable[[int, int], None] | None = None,
     ) -> None:
         self.inner = inner  # TorchLoRABackend or TritonLoRABackend: decode, resident adapters, fallback
         self.pool = pool
         self.host_adapter_of = host_adapter_of  # slot -> its host-cache copy if CPU-assisted this step, else None
-        self.on_cpu = on_cpu  # (slot, layer) -> whether that layer's LoRA still runs on the CPU; None: always
+        self.on_cpu = on_cpu  # (slot, layer, group, tokens) -> whether the workers compute it; None: always
+        self.on_layer_device = on_layer_device  # (slot, layer): before the inner backend computes such a range
         self.on_fallback = on_fallback  # called with the slot before a range falls back to the inner backend
         self.on_device = on_device  # called (in prepare) with each slot whose ranges the inner backend will compute
         self.out_widths = out_widths  # group -> its fused projection's width; None: `begin` starts nothing
@@ -139,7 +144,7 @@ class CpuAssistLoRABackend:
             return
         step.started = None
         for (slot, start, end), host in step.assisted:
-            if self.on_cpu is not None and not self.on_cpu(slot, layer):
+            if self.on_cpu is not None and not self.on_cpu(slot, layer, group, end - start):
                 continue
             try:
                 pending = self.pool.start_delta(host, layer, group, x[start:end], self.out_widths[group])
@@ -161,7 +166,11 @@ class CpuAssistLoRABackend:
             started = None  # begun for another projection and never applied: its workers finish it unread
         on_cpu, on_gpu = [], []
         for seg, host in step.assisted:
-            (on_cpu if self.on_cpu is None or self.on_cpu(seg[0], layer) else on_gpu).append((seg, host))
+            cpu = self.on_cpu is None or self.on_cpu(seg[0], layer, group, seg[2] - seg[1])
+            (on_cpu if cpu else on_gpu).append((seg, host))
+        if self.on_layer_device is not None:
+            for slot in sorted({seg[0] for seg, _ in on_gpu}):
+                self.on_layer_device(slot, layer)
         failed: list[Segment] = []
         called: set[int] = set()  # slots on_fallback was called for
         workers_gone = False

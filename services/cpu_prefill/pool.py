@@ -119,6 +119,12 @@ class _Joined:
         self._gone = True  # its connection is about to be closed: never poll its (reusable) fd again
 
 
+def _work(hg, tokens: int) -> int:
+    """A slice's work for host group hg: tokens x stacked rank x (input width + the parts' output widths)."""
+    rank, width = hg.a.shape
+    return max(1, tokens * rank * (width + sum(p.out_end - p.out_start for p in hg.parts)))
+
+
 @dataclass
 class PendingDelta:
     """A delta handed to the workers by `start_delta`, not yet waited for."""
@@ -126,6 +132,8 @@ class PendingDelta:
     tasks: list  # (worker, seq, start, end) of each token slice
     deadline: float  # time.monotonic() after which its workers count as stalled
     out_features: int
+    work: int = 0  # its largest slice's tokens x rank x (in + out widths): what its time is proportional to
+    submitted: float = 0.0  # time.perf_counter() when handed over
 
 
 @dataclass
@@ -168,6 +176,7 @@ class CpuPrefillPool:
         self.max_tokens, self.max_in, self.max_out = max_tokens, max_in, max_out
         self.timeout_s = timeout_s
         self.device = device  # a GPU: every channel hands requests over through its stream (handoff.py)
+        self.seconds_per_work: float | None = None  # measured: a slice's seconds per token x rank x width (EWMA)
         self._spin_s = spin_s
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
@@ -349,8 +358,7 @@ class CpuPrefillPool:
         task = self._task(host, layer, group, out_features)
         workers = self._usable_or_raise()
         if add_to is not None and n <= len(workers) * self.max_tokens:  # one round: add from the buffers
-            pending = PendingDelta(self._submit_round(task, x, 0, deadline, workers), deadline, out_features)
-            return self.finish_delta(pending, add_to)
+            return self.finish_delta(self._pending(task, x, deadline, workers, hg), add_to)
         delta = torch.empty(n, out_features, dtype=torch.float32)
         done = 0
         while done < n:  # rounds only when n exceeds max_tokens per live worker
@@ -378,19 +386,38 @@ class CpuPrefillPool:
         if n > len(workers) * self.max_tokens:
             return None
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        task = self._task(host, layer, group, out_features)
-        return PendingDelta(self._submit_round(task, x, 0, deadline, workers), deadline, out_features)
+        return self._pending(self._task(host, layer, group, out_features), x, deadline, workers, hg)
 
     def finish_delta(self, pending: PendingDelta, add_to: torch.Tensor) -> torch.Tensor:
         """Wait for a started delta and add it into add_to ([n, out_features], any device/dtype); add_to is left
         untouched when this raises (as compute_delta)."""
         self._wait_done(pending.tasks, pending.deadline)
+        seconds = (time.perf_counter() - pending.submitted) / pending.work
+        self.seconds_per_work = seconds if self.seconds_per_work is None else \
+            0.8 * self.seconds_per_work + 0.2 * seconds
         for w, _, s, e in pending.tasks:
             out = w.channel.output_view(e - s, pending.out_features)
             # from a page-locked output the copy is async: the stream orders it before the worker's next seq
             add_to[s:e] += out if add_to.device.type == "cpu" else \
                 out.to(add_to.device, add_to.dtype, non_blocking=w.channel.signals_on_stream)
         return add_to
+
+    def estimate_s(self, host: HostAdapter, layer: int, group: str, tokens: int) -> float | None:
+        """Seconds the live workers would take for this delta, from what earlier ones took (None: nothing measured
+        yet, or no worker)."""
+        hg = host.layers[layer].get(group)
+        if hg is None:
+            return 0.0
+        workers = len(self._workers)
+        if self.seconds_per_work is None or workers == 0:
+            return None
+        return _work(hg, -(-tokens // workers)) * self.seconds_per_work
+
+    def _pending(self, task: tuple, x: torch.Tensor, deadline: float, workers: list[_Worker], hg) -> PendingDelta:
+        submitted = time.perf_counter()
+        tasks = self._submit_round(task, x, 0, deadline, workers)
+        return PendingDelta(tasks, deadline, task[4], work=_work(hg, max(e - s for _, _, s, e in tasks)),
+                            submitted=submitted)
 
     def _check(self, host: HostAdapter, layer: int, group: str, x: torch.Tensor, out_features: int | None):
         """The host group of the task (None: not targeted); raises if the pool is closed or the task too wide."""

@@ -364,7 +364,7 @@ def test_backend_pipelined_layers_and_fallback(host_cache, slot_weights):
     pids, names = p.pids(), p.segment_names()
     calls = []
     backend = CpuAssistLoRABackend(TorchLoRABackend(), p, lambda slot: hosts[slot],
-                                   on_cpu=lambda slot, layer: layer == 0, on_fallback=calls.append)
+                                   on_cpu=lambda slot, layer, group, tokens: layer == 0, on_fallback=calls.append)
     info = LoRABatchInfo(SEGMENTS)
     backend.prepare(info, slot_weights, prefill_ranges=None)
     want = expected_outputs(slot_weights)

@@ -16,6 +16,7 @@ import torch
 
 import threading
 
+from services.cpu_prefill.assist import LOAD_GROUPS
 from services.gpu_worker.engine import llm_engine
 from services.gpu_worker.engine.config import ConfigError, EngineConfig
 from services.gpu_worker.engine.llm_engine import LLMEngine
@@ -242,6 +243,42 @@ def test_auto_equals_off(tiny_model, reference, tmp_path, monkeypatch):
         engine.close()
     assert not assist._sources
     assert_same_outputs(results, reference, abs=1e-4)
+
+
+def test_auto_leaves_a_range_to_the_device_when_its_group_lands_first(tiny_model, reference, tmp_path, monkeypatch):
+    """Where the workers are measured slower than the loads, a range of a layer still loading is not sent to them:
+    the device waits for that layer's group and computes it (on a GPU with fast copies, waiting can beat the CPU).
+    Same outputs as off."""
+    engine = auto_engine(tiny_model, tmp_path, monkeypatch, cpu_workers=1)
+    assist = engine.cpu_assist
+    assist.load_bytes_per_s = 1e18  # as measured: a group lands at once ...
+    assist.pool.seconds_per_work = 1.0  # ... and the workers are slow
+    gate = GroupGate()
+    assist.loader.before_group = gate
+    threading.Timer(0.3, gate.allow, args=(LOAD_GROUPS,)).start()  # (here the groups land 0.3 s later)
+    try:
+        results = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, logprobs=True), MODELS)
+        assert assist.pipelined_loads == 3 and assist.device_waits > 0
+        assert assist.backend.cpu_ranges == 0 and assist.fallbacks == 0
+    finally:
+        engine.close()
+    assert_same_outputs(results, reference, abs=1e-4)
+
+
+def test_auto_measures_its_loads_and_workers(tiny_model, tmp_path, monkeypatch):
+    """The estimates behind that choice come from the engine's own loads and deltas."""
+    engine = auto_engine(tiny_model, tmp_path, monkeypatch, cpu_workers=1)
+    assist = engine.cpu_assist
+    gate = GroupGate()  # the loads land 0.3 s after they start: the first prefills are the workers'
+    assist.loader.before_group = gate
+    threading.Timer(0.3, gate.allow, args=(LOAD_GROUPS,)).start()
+    try:
+        assert assist.load_bytes_per_s is None and assist.pool.seconds_per_work is None
+        engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0), MODELS)
+        assert assist.backend.cpu_ranges > 0
+        assert assist.load_bytes_per_s > 0 and assist.pool.seconds_per_work > 0
+    finally:
+        engine.close()
 
 
 def test_auto_failed_load_is_written_again(tiny_model, reference, tmp_path, monkeypatch, caplog):

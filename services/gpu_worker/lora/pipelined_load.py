@@ -12,12 +12,17 @@ copies the adapter's weights for those layers into its slot (torch slot weights 
   overlap on a CPU device (the CPU computes both), so the engine only pipelines on a GPU; the thread loader is the
   same contract on the CPU, for tests.
 
+`wait_layer_on_device(layer)` is the per-group form of `wait_on_device` (the engine's CPU assist uses it when a
+range is computed on the device before its adapter has fully landed); `seconds()` is how long the whole load took
+once done (the side stream's own timing on CUDA), from which the engine estimates when the next loads' groups land.
+
 A failed write marks the load failed: `landed` stays false for the groups after it and `wait()` raises
 LoadError with the reason (the engine then writes the adapter again at once rather than compute with missing layers).
 """
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -48,6 +53,10 @@ class LayerGroupLoad:
         self.groups = groups
         self._group_of = {layer: g for g, layers in enumerate(groups) for layer in layers}
         self.error: BaseException | None = None  # why a group could not be written (the later ones never are)
+        self.started = time.monotonic()  # when it was enqueued (host clock)
+
+    def group_of(self, layer: int) -> int:
+        return self._group_of[layer]
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
@@ -68,6 +77,14 @@ class LayerGroupLoad:
         """Work issued on the device from now on sees every layer; on a CPU device this is `wait()`."""
         self.wait()
 
+    def wait_layer_on_device(self, layer: int) -> None:
+        """Work issued on the device from now on sees `layer` (its group); LoadError if that group never lands."""
+        raise NotImplementedError
+
+    def seconds(self) -> float | None:
+        """How long the whole load took, once done (None before, or after a failure)."""
+        raise NotImplementedError
+
 
 class _ThreadLoad(LayerGroupLoad):
     def __init__(self, groups: list[range], write: Callable[[range], None],
@@ -75,17 +92,20 @@ class _ThreadLoad(LayerGroupLoad):
         super().__init__(groups)
         self._landed = [threading.Event() for _ in groups]
         self._finished = threading.Event()
+        self._seconds: float | None = None
         self._thread = threading.Thread(target=self._run, args=(write, before_group), daemon=True,
                                         name="caraserve-adapter-load")
         self._thread.start()
 
     def _run(self, write: Callable[[range], None], before_group: Callable[[int], None] | None) -> None:
+        start = time.perf_counter()
         try:
             for g, layers in enumerate(self.groups):
                 if before_group is not None:
                     before_group(g)
                 write(layers)
                 self._landed[g].set()
+            self._seconds = time.perf_counter() - start
         except BaseException as exc:  # reported by wait(); the groups after it never land
             self.error = exc
         finally:
@@ -98,6 +118,15 @@ class _ThreadLoad(LayerGroupLoad):
         self._finished.wait()
         self._raise_if_failed()
 
+    def wait_layer_on_device(self, layer: int) -> None:
+        landed = self._landed[self._group_of[layer]]
+        while not landed.wait(0.05):
+            if self._finished.is_set() and not landed.is_set():
+                self._raise_if_failed()
+
+    def seconds(self) -> float | None:
+        return self._seconds if self._finished.is_set() else None
+
 
 class _CudaLoad(LayerGroupLoad):
     def __init__(self, groups: list[range], write: Callable[[range], None], stream: torch.cuda.Stream) -> None:
@@ -106,14 +135,16 @@ class _CudaLoad(LayerGroupLoad):
         self._device = stream.device
         main = torch.cuda.current_stream(stream.device)
         stream.wait_stream(main)  # rows reserved (and zeroed) on the main stream before are written after
+        self._start = torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
+            self._start.record(stream)
             for layers in groups:
                 try:
                     write(layers)
                 except BaseException as exc:  # a launch failed (out of memory...): later groups never land
                     self.error = exc
                     break
-                event = torch.cuda.Event()
+                event = torch.cuda.Event(enable_timing=True)
                 event.record(stream)
                 self.events.append(event)
 
@@ -129,6 +160,17 @@ class _CudaLoad(LayerGroupLoad):
     def wait_on_device(self) -> None:
         self._raise_if_failed()
         torch.cuda.current_stream(self._device).wait_event(self.events[-1])
+
+    def wait_layer_on_device(self, layer: int) -> None:
+        g = self._group_of[layer]
+        if g >= len(self.events):
+            self._raise_if_failed()
+        torch.cuda.current_stream(self._device).wait_event(self.events[g])
+
+    def seconds(self) -> float | None:
+        if self.error is not None or not self.events[-1].query():
+            return None
+        return self._start.elapsed_time(self.events[-1]) / 1000  # ms, on the side stream's clock
 
 
 class PipelinedLoader:

@@ -45,12 +45,19 @@ def test_groups_land_in_order_and_the_layout_equals_build(device):
                         lambda layers: write_slot_layers(weights, a, layers, WIDTHS, torch.float32, device))
     if device.type == "cpu":  # the thread waits for each permission: nothing lands before it
         assert not any(load.landed(layer) for layer in range(LAYERS)) and not load.done()
+        assert load.seconds() is None
         allowed.release()
         wait_for(lambda: load.landed(1), 30, "the first layer group to land")
         assert load.landed(0) and load.landed(1) and not load.landed(2)  # group 0 = layers 0-1, only
-        allowed.release(2)
+        threading.Timer(0.2, allowed.release).start()
+        load.wait_layer_on_device(3)  # returns once group 1 (layers 2-3) has landed, not the whole load
+        assert load.landed(3) and not load.landed(4) and load.group_of(3) == 1
+        allowed.release()
+    else:
+        allowed.release(3)
+        load.wait_layer_on_device(3)  # the device waits for group 1's event (nothing to see on the host)
     load.wait()
-    assert load.done()
+    assert load.done() and load.seconds() > 0
     for layer in range(LAYERS):
         for group, gw in want[layer].items():
             got = weights[layer][group]
@@ -75,3 +82,7 @@ def test_a_failed_group_is_reported_and_later_groups_never_land():
     assert load.landed(0) and not load.landed(2) and not load.landed(5) and not load.done()
     with pytest.raises(LoadError):
         load.wait_on_device()
+    load.wait_layer_on_device(1)  # its group landed
+    with pytest.raises(LoadError):
+        load.wait_layer_on_device(2)  # its group never will
+    assert load.seconds() is None
