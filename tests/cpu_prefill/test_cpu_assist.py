@@ -185,7 +185,9 @@ def test_stream_handoff_never_waits_for_the_device(host_cache):
         channel.signal_through(torch.device("cuda"))
         assert channel._pinned is not None and channel.input_view(1, HIDDEN).is_pinned()
         x = torch.randn(3, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        warm = channel.submit(x, adapter_id=1, layer=0, group=0, out_width=HIDDEN)  # first allocations, untimed
         torch.cuda.synchronize()
+        channel.finish(warm, 1)  # (as the worker would)
         torch.cuda._sleep(400_000_000)  # cycles: 0.2-0.3 s of device time at 1.4-2 GHz
         torch.cuda.set_sync_debug_mode("error")
         try:
