@@ -12,9 +12,10 @@ Workers come two ways and are then handled alike:
 slice to its worker through shared memory and waits for all of them; the result is the LoRA delta to add to the
 projection output. `start_delta` hands them over and returns at once (the caller runs the base projection
 meanwhile), `finish_delta` waits and adds. With `device` a GPU, every channel hands requests over through the
-device's stream, without synchronising the engine's thread (handoff.py, `signal_through`). A worker that dies or stalls does not hang the caller: after `timeout_s` (at once for a dead
-one) the call raises CpuAssistTimeout, the worker is retired (a spawned one killed; a joined one disconnected; its
-channel unlinked) and later calls use the others; the engine falls back to its own LoRA path for that call.
+device's stream, without synchronising the engine's thread (handoff.py, `signal_through`). A worker that dies or
+stalls does not hang the caller: after `timeout_s` (at once for a dead one) the call raises CpuAssistTimeout, the
+worker is retired (a spawned one killed; a joined one disconnected; its channel unlinked) and later calls use the
+others; the engine falls back to its own LoRA path for that call.
 
 Used by one engine thread (not thread-safe; joiners are handed over under a lock). Every segment, joiners' channels
 included, is created here and named "caraserve-<engine pid>-<hex>" so the supervisor can unlink them after a crash;
@@ -132,8 +133,8 @@ class PendingDelta:
     tasks: list  # (worker, seq, start, end) of each token slice
     deadline: float  # time.monotonic() after which its workers count as stalled
     out_features: int
-    work: int = 0  # its largest slice's tokens x rank x (in + out widths): what its time is proportional to
-    submitted: float = 0.0  # time.perf_counter() when handed over
+    work: int  # its largest slice's tokens x rank x (in + out widths): what its time is proportional to
+    submitted: float  # time.perf_counter() when handed over
 
 
 @dataclass
@@ -354,7 +355,7 @@ class CpuPrefillPool:
         n = x.shape[0]
         if hg is None or n == 0:
             return add_to if add_to is not None else torch.zeros(n, out_features, dtype=torch.float32)
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        deadline = self._deadline(timeout_s)
         task = self._task(host, layer, group, out_features)
         workers = self._usable_or_raise()
         if add_to is not None and n <= len(workers) * self.max_tokens:  # one round: add from the buffers
@@ -385,7 +386,7 @@ class CpuPrefillPool:
         workers = self._usable_or_raise()
         if n > len(workers) * self.max_tokens:
             return None
-        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        deadline = self._deadline(timeout_s)
         return self._pending(self._task(host, layer, group, out_features), x, deadline, workers, hg)
 
     def finish_delta(self, pending: PendingDelta, add_to: torch.Tensor) -> torch.Tensor:
@@ -416,8 +417,7 @@ class CpuPrefillPool:
     def _pending(self, task: tuple, x: torch.Tensor, deadline: float, workers: list[_Worker], hg) -> PendingDelta:
         submitted = time.perf_counter()
         tasks = self._submit_round(task, x, 0, deadline, workers)
-        return PendingDelta(tasks, deadline, task[4], work=_work(hg, max(e - s for _, _, s, e in tasks)),
-                            submitted=submitted)
+        return PendingDelta(tasks, deadline, task[4], _work(hg, max(e - s for _, _, s, e in tasks)), submitted)
 
     def _check(self, host: HostAdapter, layer: int, group: str, x: torch.Tensor, out_features: int | None):
         """The host group of the task (None: not targeted); raises if the pool is closed or the task too wide."""
@@ -428,6 +428,9 @@ class CpuPrefillPool:
             raise ValueError(f"[{x.shape[0]}, {width}] -> {out_features} exceeds the pool's max_in {self.max_in} / "
                              f"max_out {self.max_out}")
         return host.layers[layer].get(group)
+
+    def _deadline(self, timeout_s: float | None) -> float:
+        return time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
 
     def _task(self, host: HostAdapter, layer: int, group: str, out_features: int) -> tuple:
         adapter_id = self._adapter_ids.setdefault(host.segment, len(self._adapter_ids) + 1)
