@@ -25,11 +25,19 @@ SHUTDOWN_TIMEOUT = 5.0  # seconds handlers get to finish once their streams were
 
 
 class ProbeQuietAccessLogger(AccessLogger):
-    """aiohttp's access log without the successful /healthz and /readyz polls (orchestrators poll every second)."""
+    """aiohttp's access log without the repeated /healthz and /readyz polls (orchestrators, and `caraserve up`
+    while a worker loads, poll every second): a probe is logged only when its status differs from the previous
+    poll's, so "became unready" and "ready again" still show, and a successful first poll does not."""
+
+    # aiohttp makes a logger per connection and probes often come on fresh connections: the last status seen is
+    # kept per process (one gateway per process), by probe path
+    _last_status = {"/healthz": 200, "/readyz": 200}
 
     def log(self, request, response, time: float) -> None:
-        if request.path in ("/healthz", "/readyz") and response.status == 200:
-            return
+        if request.path in self._last_status:
+            if self._last_status[request.path] == response.status:
+                return
+            self._last_status[request.path] = response.status
         super().log(request, response, time)
 
 
