@@ -11,7 +11,9 @@
 2. LoRA delta tokens/s of ONE cpu_prefill worker (single thread) by rank: CpuPrefillPool(1).compute_delta over the
    four fused groups of one Llama-2-7B-shaped layer (hidden 4096, intermediate 11008, all seven targets at rank r),
    --tokens tokens per call; next to it the same math in this process (torch, 1 thread), so the handoff's share
-   shows. This is the per-core token capacity the token split is sized from.
+   shows. This is the per-core token capacity the token split is sized from. Per --dtypes: the engine's dtype, which
+   the host cache, the channel and the worker's products take (bfloat16/float16 natively where this CPU has oneDNN
+   kernels for them, else through float32: the row's `compute`), with each rate's ratio to float32's in this run.
 
 Output: JSON (default bench/results/handoff.json) with machine, git commit, config and rows. Times in µs.
 """
@@ -212,17 +214,18 @@ def llama7b_adapter(torch, rank: int, hidden: int, inter: int):
 
 
 def bench_lora_rate(torch, ranks: list[int], tokens: int, hidden: int, inter: int, iters: int,
-                    core: int | None) -> list[dict]:
+                    core: int | None, dtype) -> list[dict]:
     from services.cpu_prefill.host_cache import HostAdapterCache, attach
     from services.cpu_prefill.pool import CpuPrefillPool
-    from services.cpu_prefill.worker import lora_delta_
+    from services.cpu_prefill.worker import compute_dtype, lora_delta_
 
     group_in = {"qkv": hidden, "o": hidden, "gate_up": hidden, "down": inter}
     group_out = {"qkv": 3 * hidden, "o": hidden, "gate_up": 2 * inter, "down": hidden}
-    xs = {g: torch.randn(tokens, w) for g, w in group_in.items()}
+    xs = {g: torch.randn(tokens, w).to(dtype) for g, w in group_in.items()}
     rows = []
-    with HostAdapterCache(4 << 30) as cache, CpuPrefillPool(1, tokens, inter, 2 * inter, timeout_s=60.0,
-                                                            cores=[core] if core is not None else None) as pool:
+    with HostAdapterCache(4 << 30, dtype=dtype) as cache, \
+            CpuPrefillPool(1, tokens, inter, 2 * inter, timeout_s=60.0, cores=[core] if core is not None else None,
+                           dtype=dtype) as pool:
         for rank in ranks:
             adapter, widths = llama7b_adapter(torch, rank, hidden, inter)
             host = cache.put(adapter, 1, widths)
@@ -232,7 +235,7 @@ def bench_lora_rate(torch, ranks: list[int], tokens: int, hidden: int, inter: in
                     pool.compute_delta(host, 0, g, xs[g], out_features=group_out[g])
 
             shm, layers = attach(host)
-            outs = {g: torch.empty(tokens, group_out[g]) for g in group_in}
+            outs = {g: torch.empty(tokens, group_out[g], dtype=dtype) for g in group_in}
 
             def layer_in_process() -> None:
                 for g in group_in:
@@ -245,10 +248,13 @@ def bench_lora_rate(torch, ranks: list[int], tokens: int, hidden: int, inter: in
             torch.set_num_threads(threads)
             del layers, outs
             shm.close()
-            rows.append(dict(rank=rank, tokens=tokens, worker_layer_us=worker_us, inprocess_layer_us=local_us,
+            rows.append(dict(dtype=str(dtype).removeprefix("torch."),
+                             compute=str(compute_dtype(dtype)).removeprefix("torch."), rank=rank, tokens=tokens,
+                             adapter_layer_bytes=host.nbytes, worker_layer_us=worker_us, inprocess_layer_us=local_us,
                              worker_tokens_per_s=tokens / (worker_us["p50"] * 1e-6),
                              inprocess_tokens_per_s=tokens / (local_us["p50"] * 1e-6)))
-            progress("handoff", f"rank {rank:3d}: worker {rows[-1]['worker_tokens_per_s']:9.0f} tok/s per layer, "
+            progress("handoff", f"{rows[-1]['dtype']:8s} rank {rank:3d}: worker "
+                                f"{rows[-1]['worker_tokens_per_s']:9.0f} tok/s per layer, "
                                 f"in-process {rows[-1]['inprocess_tokens_per_s']:9.0f}")
             pool.forget(host)
             cache.evict(host.name)
@@ -263,6 +269,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per LoRA call (default: 128)")
     parser.add_argument("--iters", type=int, default=2000, help="round trips per case (default: 2000)")
     parser.add_argument("--core", type=int, default=None, help="pin the LoRA worker to this core")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16",
+                        help="engine dtypes for the LoRA rates, comma-separated (default: float32,bfloat16,float16)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer iterations, ranks 8 and 64")
     parser.add_argument("--output", help="JSON path (default: bench/results/handoff.json)")
     args = parser.parse_args()
@@ -279,10 +287,20 @@ def main() -> int:
     for r in trips:
         progress("handoff", f"{r['channel']:10s} T={r['tokens']:3d}  p50 {r['us']['p50']:8.1f} us  "
                             f"mean {r['us']['mean']:8.1f} us")
-    rates = bench_lora_rate(torch, ranks, tokens, args.hidden, args.intermediate, max(5, iters // 100), args.core)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not dtypes or any(d not in ("float32", "bfloat16", "float16") for d in dtypes):
+        parser.error(f"--dtypes: float32, bfloat16 and/or float16, got {args.dtypes!r}")
+    rates = []
+    for name in dtypes:
+        rates += bench_lora_rate(torch, ranks, tokens, args.hidden, args.intermediate, max(5, iters // 100),
+                                 args.core, getattr(torch, name))
+    base = {r["rank"]: r for r in rates if r["dtype"] == "float32"}
+    for r in rates:  # each rate against float32's at the same rank, measured in this run
+        if r["rank"] in base:
+            r["worker_rate_vs_float32"] = r["worker_tokens_per_s"] / base[r["rank"]]["worker_tokens_per_s"]
     result = dict(benchmark="handoff", timestamp=timestamp(), machine=machine_info(), git=git_commit(),
                   config=dict(hidden=args.hidden, intermediate=args.intermediate, tokens=tokens, iters=iters,
-                              core=args.core, quick=args.quick),
+                              core=args.core, quick=args.quick, dtypes=dtypes),
                   round_trips=trips, lora_rate=rates)
     out = write_result("handoff", result, args.output)
     print(f"wrote {out}")

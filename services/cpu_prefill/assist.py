@@ -67,12 +67,15 @@ class CpuAssist:
         widths = model.lora_part_widths()
         max_in = max(model.config.hidden_size, model.config.intermediate_size, model.q_width)
         max_out = max(widths["q_proj"] + 2 * widths["k_proj"], 2 * widths["gate_proj"], model.config.hidden_size)
-        self.host = HostAdapterCache(host_cache_bytes)
+        # the host cache and the channels hold the engine's dtype (half the bytes of float32 for a load or an
+        # activation on a half-precision GPU engine, and nothing converted on the way)
+        self.host = HostAdapterCache(host_cache_bytes, dtype=model.dtype)
         try:
             # on a GPU the activations go out and the deltas come back by async copies on the stream (handoff.py)
             self.pool = CpuPrefillPool(num_workers, max_tokens, max_in, max_out, timeout_s=timeout_s,
                                        rendezvous_dir=run_dir(data_dir) if accept_joiners else None,
-                                       device=model.device if model.device.type == "cuda" else None)
+                                       device=model.device if model.device.type == "cuda" else None,
+                                       dtype=model.dtype)
         except RendezvousError as exc:  # only raised with no spawned worker: nothing could ever assist
             self.host.close()
             from services.gpu_worker.engine.config import ConfigError
@@ -278,7 +281,8 @@ class _LoadSource:
     """What a pipelined load copies to the device (auto): the adapter's tensors in its host cache segment, mapped
     once more here and page-locked in place on a GPU (cudaHostRegister), so the side stream's copies are async
     without a pinned copy of every module. `adapter` views them as modules: each part's rows of its group's
-    stacked A, and its B already scaled (scale 1), which the slot writers read as they read a loaded adapter's."""
+    stacked A, and its B already scaled (scale 1), which the slot writers read as they read a loaded adapter's
+    (in the host cache's dtype, the engine's: the writers' casts to it are then no-ops)."""
 
     def __init__(self, adapter: LoRAAdapter, host: HostAdapter, part_widths: dict[str, int],
                  device: torch.device) -> None:

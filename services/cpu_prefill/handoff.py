@@ -5,9 +5,12 @@ share one):
 
     [0, 64)     engine-written: request seq, stop flag, task header (adapter id, layer, group, tokens, in, out)
     [64, 128)   worker-written: done seq, status, worker pid, leaving flag
-    [128, 192)  fixed at creation: max_tokens, max_in, max_out (the worker maps its views from these)
-    [256, ...)  input  buffer, float32, max_tokens * max_in   (a task uses its first n * in floats as [n, in])
-    [...]       output buffer, float32, max_tokens * max_out  (a task's delta: its first n * out floats, [n, out])
+    [128, 192)  fixed at creation: max_tokens, max_in, max_out, dtype (the worker maps its views from these)
+    [256, ...)  input  buffer, max_tokens * max_in elements   (a task uses its first n * in as [n, in])
+    [...]       output buffer, max_tokens * max_out elements  (a task's delta: its first n * out, [n, out])
+
+The buffers hold the engine's dtype (float32, bfloat16 or float16; CHANNEL_DTYPES): on a GPU in half precision
+an activation crosses PCIe in half the bytes of float32, in both directions, and nobody converts it on the way.
 
 Protocol (single writer per field, so plain stores suffice on x86's total store order): the engine writes the
 input slice and the header, then bumps the request seq; the worker busy-polls the request seq (backing off to
@@ -42,7 +45,9 @@ REQ_SEQ, STOP, ADAPTER_ID, LAYER, GROUP, N_TOKENS, IN_WIDTH, OUT_WIDTH = range(8
 # worker-written
 DONE_SEQ, STATUS, WORKER_PID, LEAVING = 8, 9, 10, 11
 # fixed at creation
-MAX_TOKENS, MAX_IN, MAX_OUT = 16, 17, 18
+MAX_TOKENS, MAX_IN, MAX_OUT, DTYPE = 16, 17, 18, 19
+
+CHANNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the DTYPE field holds the index here
 
 CONTROL_BYTES = 256
 STATUS_STARTING, STATUS_OK, STATUS_ERROR = 0, 1, 2
@@ -56,8 +61,9 @@ def _align(n: int, to: int = 64) -> int:
     return (n + to - 1) // to * to
 
 
-def channel_nbytes(max_tokens: int, max_in: int, max_out: int) -> int:
-    return CONTROL_BYTES + _align(4 * max_tokens * max_in) + _align(4 * max_tokens * max_out)
+def channel_nbytes(max_tokens: int, max_in: int, max_out: int, dtype: torch.dtype = torch.float32) -> int:
+    size = dtype.itemsize
+    return CONTROL_BYTES + _align(size * max_tokens * max_in) + _align(size * max_tokens * max_out)
 
 
 class HandoffChannel:
@@ -71,11 +77,12 @@ class HandoffChannel:
         self.max_tokens = self.ctrl[MAX_TOKENS]
         self.max_in = self.ctrl[MAX_IN]
         self.max_out = self.ctrl[MAX_OUT]
-        in_floats, out_floats = self.max_tokens * self.max_in, self.max_tokens * self.max_out
-        out_off = CONTROL_BYTES + _align(4 * in_floats)
-        # flat float32 views; a task views its first n * width floats as a contiguous [n, width]
-        self._inp = torch.frombuffer(shm.buf, dtype=torch.float32, count=in_floats, offset=CONTROL_BYTES)
-        self._out = torch.frombuffer(shm.buf, dtype=torch.float32, count=out_floats, offset=out_off)
+        self.dtype: torch.dtype = CHANNEL_DTYPES[self.ctrl[DTYPE]]
+        in_count, out_count = self.max_tokens * self.max_in, self.max_tokens * self.max_out
+        out_off = CONTROL_BYTES + _align(self.dtype.itemsize * in_count)
+        # flat views; a task views its first n * width elements as a contiguous [n, width]
+        self._inp = torch.frombuffer(shm.buf, dtype=self.dtype, count=in_count, offset=CONTROL_BYTES)
+        self._out = torch.frombuffer(shm.buf, dtype=self.dtype, count=out_count, offset=out_off)
         self._views: dict[tuple[bool, int, int], torch.Tensor] = {}  # a step repeats few shapes: ~2 µs saved a call
         self.last_seq: int = self.ctrl[REQ_SEQ]  # engine side: the seq of its last submit
         self._device_seq: torch.Tensor | None = None  # signal_through: the next seq, on the device
@@ -83,12 +90,16 @@ class HandoffChannel:
         self._pinned = None  # signal_through on CUDA: the segment's registration
 
     @classmethod
-    def create(cls, max_tokens: int, max_in: int, max_out: int) -> HandoffChannel:
+    def create(cls, max_tokens: int, max_in: int, max_out: int, dtype: torch.dtype = torch.float32
+               ) -> HandoffChannel:
         if min(max_tokens, max_in, max_out) <= 0:
             raise ValueError("max_tokens, max_in and max_out must be positive")
-        shm = create_segment(channel_nbytes(max_tokens, max_in, max_out))
+        if dtype not in CHANNEL_DTYPES:
+            raise ValueError(f"a channel holds float32, bfloat16 or float16, not {dtype}")
+        shm = create_segment(channel_nbytes(max_tokens, max_in, max_out, dtype))
         ctrl = shm.buf[:CONTROL_BYTES].cast("q")
         ctrl[MAX_TOKENS], ctrl[MAX_IN], ctrl[MAX_OUT] = max_tokens, max_in, max_out
+        ctrl[DTYPE] = CHANNEL_DTYPES.index(dtype)
         ctrl.release()
         return cls(shm, owner=True)
 
@@ -98,11 +109,11 @@ class HandoffChannel:
 
     # ---- views -------------------------------------------------------------------------------------------------
     def input_view(self, n: int, width: int) -> torch.Tensor:
-        """[n, width] float32 over the input buffer."""
+        """[n, width] over the input buffer (the channel's dtype)."""
         return self._view(True, n, width)
 
     def output_view(self, n: int, width: int) -> torch.Tensor:
-        """[n, width] float32 over the output buffer."""
+        """[n, width] over the output buffer (the channel's dtype)."""
         return self._view(False, n, width)
 
     def _view(self, inp: bool, n: int, width: int) -> torch.Tensor:
@@ -134,8 +145,9 @@ class HandoffChannel:
         return self.ctrl[DONE_SEQ] == self.last_seq
 
     def submit(self, x: torch.Tensor, adapter_id: int, layer: int, group: int, out_width: int) -> int:
-        """Copy x ([n, in], any float dtype/device) in, write the header, then bump the request seq; return it.
-        With signal_through(x's device) both copies are enqueued on its stream and this returns at once."""
+        """Copy x ([n, in], any float dtype/device; converted to the channel's dtype, on x's device) in, write the
+        header, then bump the request seq; return it. With signal_through(x's device) both copies are enqueued on
+        its stream and this returns at once."""
         n, width = x.shape
         if n > self.max_tokens or width > self.max_in or out_width > self.max_out:
             raise ValueError(f"task [{n}, {width}] -> {out_width} exceeds the channel's "
@@ -144,7 +156,7 @@ class HandoffChannel:
             raise RuntimeError("submit on a channel whose worker has not answered its last request")
         on_stream = self._device_seq is not None and x.device == self._device_seq.device
         if on_stream:
-            self.input_view(n, width).copy_(x if x.dtype == torch.float32 else x.float(), non_blocking=True)
+            self.input_view(n, width).copy_(x if x.dtype == self.dtype else x.to(self.dtype), non_blocking=True)
         else:
             self.input_view(n, width).copy_(x)
         c = self.ctrl

@@ -1,8 +1,11 @@
 """The node's host adapter cache: each adapter's LoRA weights in one shared-memory segment, laid out for the engine.
 
-An adapter's segment holds exactly the tensors of `gpu_worker.lora.slot_weights.build_slot_weights` (float32): per
-layer and fused group ("qkv", "o", "gate_up", "down", in PROJECTION_GROUPS order) the parts' A matrices stacked,
-then each part's B pre-multiplied by the PEFT scale; each tensor C-contiguous at a 64-byte-aligned offset. The
+An adapter's segment holds exactly the tensors of `gpu_worker.lora.slot_weights.build_slot_weights`: per layer and
+fused group ("qkv", "o", "gate_up", "down", in PROJECTION_GROUPS order) the parts' A matrices stacked, then each
+part's B pre-multiplied by the PEFT scale (in float32, then rounded once to the cache's dtype); each tensor
+C-contiguous at a 64-byte-aligned offset. The cache's dtype is the engine's (CpuAssist): the same values the device
+slots hold, so a pipelined load copies half the bytes of float32 on a half-precision GPU engine and converts
+nothing, and the workers compute from the weights the device would use. The
 `HostAdapter` metadata (plain data, `to_dict`/`from_dict` for msgpack) tells another process where each tensor
 lies; `attach` maps the segment there and returns torch views into it, with no copy. The GPU side copies the same
 tensors into its slots; the cpu_prefill workers compute x·A·B from them directly.
@@ -31,7 +34,7 @@ __all__ = ["TensorRef", "HostPart", "HostGroup", "HostAdapter", "attach", "HostA
            "HostCacheFullError", "cleanup_stale_segments"]
 
 ALIGN = 64  # bytes: every tensor starts on a cache line
-_F32 = 4  # bytes per float32
+HOST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # per layer: group name -> (stacked A view, [(out_start, out_end, rank_start, rank_end, B view)])
 AttachedLayers = list[dict[str, tuple[torch.Tensor, list[tuple[int, int, int, int, torch.Tensor]]]]]
@@ -39,14 +42,14 @@ AttachedLayers = list[dict[str, tuple[torch.Tensor, list[tuple[int, int, int, in
 
 @dataclass(frozen=True)
 class TensorRef:
-    """A float32, C-contiguous tensor inside an adapter's shared-memory segment."""
+    """A C-contiguous tensor inside an adapter's shared-memory segment (of its HostAdapter's dtype)."""
 
     offset: int  # byte offset in the segment (64-byte aligned)
     shape: tuple[int, ...]
 
     @property
-    def nbytes(self) -> int:
-        n = _F32
+    def numel(self) -> int:
+        n = 1
         for d in self.shape:
             n *= d
         return n
@@ -102,29 +105,35 @@ class HostAdapter:
     segment: str  # shared-memory segment name (starts with the cache's prefix, "caraserve" by default)
     nbytes: int  # bytes of the segment used by the layout
     layers: tuple[dict[str, HostGroup], ...]  # per layer: group name -> HostGroup (absent if untargeted)
+    dtype: str = "float32"  # of every tensor (a HOST_DTYPES key)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return HOST_DTYPES[self.dtype]
 
     def to_dict(self) -> dict:
         """Plain data (str, int, list, dict) for msgpack or pickle."""
-        return {"name": self.name, "segment": self.segment, "nbytes": self.nbytes,
+        return {"name": self.name, "segment": self.segment, "nbytes": self.nbytes, "dtype": self.dtype,
                 "layers": [{g: grp.to_dict() for g, grp in layer.items()} for layer in self.layers]}
 
     @classmethod
     def from_dict(cls, d: dict) -> HostAdapter:
         layers = tuple({g: HostGroup.from_dict(grp) for g, grp in layer.items()} for layer in d["layers"])
-        return cls(name=d["name"], segment=d["segment"], nbytes=int(d["nbytes"]), layers=layers)
+        if d["dtype"] not in HOST_DTYPES:
+            raise ValueError(f"host adapter {d['name']}: unknown dtype {d['dtype']!r}")
+        return cls(name=d["name"], segment=d["segment"], nbytes=int(d["nbytes"]), layers=layers, dtype=d["dtype"])
 
 
-def _view(shm: SharedMemory, ref: TensorRef) -> torch.Tensor:
-    """A float32 tensor of ref.shape aliasing the segment's bytes (no copy)."""
-    numel = ref.nbytes // _F32
-    return torch.frombuffer(shm.buf, dtype=torch.float32, count=numel, offset=ref.offset).view(ref.shape)
+def _view(shm: SharedMemory, ref: TensorRef, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ref.shape and `dtype` aliasing the segment's bytes (no copy)."""
+    return torch.frombuffer(shm.buf, dtype=dtype, count=ref.numel, offset=ref.offset).view(ref.shape)
 
 
 def attach(host: HostAdapter) -> tuple[SharedMemory, AttachedLayers]:
     """Map the segment (no copy) and return (shm handle to keep alive/close, per layer: group -> (a view,
     [(out_start, out_end, rank_start, rank_end, b view)])).
 
-    Views: a [sum of ranks, in_features], b [out_end - out_start, rank], float32, aliasing the segment; treat them
+    Views: a [sum of ranks, in_features], b [out_end - out_start, rank], host.dtype, aliasing the segment; treat them
     as read-only. The segment is attached untracked (see segments.py), so this process's exit never unlinks it.
     Drop every view before `shm.close()` (the views hold exports of shm.buf; close raises BufferError otherwise).
     """
@@ -133,9 +142,11 @@ def attach(host: HostAdapter) -> tuple[SharedMemory, AttachedLayers]:
         shm.close()
         raise ValueError(f"segment {host.segment} holds {shm.size} bytes, adapter {host.name} needs {host.nbytes}")
     layers: AttachedLayers = []
+    dtype = host.torch_dtype
     for layer in host.layers:
-        layers.append({g: (_view(shm, grp.a), [(p.out_start, p.out_end, p.rank_start, p.rank_end, _view(shm, p.b))
-                                                for p in grp.parts])
+        layers.append({g: (_view(shm, grp.a, dtype),
+                           [(p.out_start, p.out_end, p.rank_start, p.rank_end, _view(shm, p.b, dtype))
+                            for p in grp.parts])
                        for g, grp in layer.items()})
     return shm, layers
 
@@ -144,11 +155,12 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def plan_layout(adapter: LoRAAdapter, num_layers: int, part_widths: dict[str, int]
+def plan_layout(adapter: LoRAAdapter, num_layers: int, part_widths: dict[str, int],
+                dtype: torch.dtype = torch.float32
                 ) -> tuple[list[dict[str, tuple[HostGroup, list[torch.Tensor]]]], int]:
-    """build_slot_weights (float32, CPU) with a segment offset per tensor.
+    """build_slot_weights (float32, CPU) with a segment offset per tensor, laid out for `dtype`.
 
-    Returns (per layer: group -> (HostGroup, [a, b of each part] tensors in offset order), total bytes).
+    Returns (per layer: group -> (HostGroup, [a, b of each part] float32 tensors in offset order), total bytes).
     """
     slot = build_slot_weights(adapter, num_layers, part_widths, torch.float32, torch.device("cpu"))
     offset = 0
@@ -156,7 +168,7 @@ def plan_layout(adapter: LoRAAdapter, num_layers: int, part_widths: dict[str, in
     def place(t: torch.Tensor) -> TensorRef:
         nonlocal offset
         ref = TensorRef(offset, tuple(t.shape))
-        offset = _align(offset + ref.nbytes)
+        offset = _align(offset + ref.numel * dtype.itemsize)
         return ref
 
     plan = []
@@ -198,14 +210,19 @@ class HostAdapterCache:
     """Adapters in shared memory under a byte capacity; LRU eviction of idle adapters; reference counts.
 
     Synchronous and thread-safe. Every segment is created and owned by the process holding this cache, and
-    unlinked when its adapter is evicted or replaced, or on close().
+    unlinked when its adapter is evicted or replaced, or on close(). Tensors are stored in `dtype`.
     """
 
-    def __init__(self, capacity_bytes: int, prefix: str = DEFAULT_PREFIX):
+    def __init__(self, capacity_bytes: int, prefix: str = DEFAULT_PREFIX, dtype: torch.dtype = torch.float32):
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
+        names = {d: n for n, d in HOST_DTYPES.items()}
+        if dtype not in names:
+            raise ValueError(f"the host cache holds float32, bfloat16 or float16, not {dtype}")
         self.capacity_bytes = capacity_bytes
         self.prefix = prefix
+        self.dtype = dtype
+        self._dtype_name = names[dtype]
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._used = 0
         self._lock = threading.Lock()
@@ -218,7 +235,7 @@ class HostAdapterCache:
         An idle entry of the same name is replaced (its segment unlinked); an in-use one raises HostCacheError.
         Least-recently-used idle adapters are evicted to make room; HostCacheFullError if it still does not fit.
         """
-        plan, nbytes = plan_layout(adapter, num_layers, part_widths)
+        plan, nbytes = plan_layout(adapter, num_layers, part_widths, self.dtype)
         with self._lock:
             self._check_open()
             old = self._entries.get(adapter.name)
@@ -244,13 +261,14 @@ class HostAdapterCache:
                     for group, tensors in layer.values():
                         refs = [group.a] + [p.b for p in group.parts]
                         for ref, t in zip(refs, tensors):
-                            _view(shm, ref).copy_(t)
+                            _view(shm, ref, self.dtype).copy_(t)  # rounded once, as the device slot
                     layers.append({g: group for g, (group, _) in layer.items()})
             except BaseException:
                 shm.close()
                 shm.unlink()
                 raise
-            host = HostAdapter(name=adapter.name, segment=shm.name, nbytes=nbytes, layers=tuple(layers))
+            host = HostAdapter(name=adapter.name, segment=shm.name, nbytes=nbytes, layers=tuple(layers),
+                               dtype=self._dtype_name)
             self._entries[adapter.name] = _Entry(host, shm)
             self._used += nbytes
             self._counters.puts += 1

@@ -151,7 +151,8 @@ class _Worker:
 
 
 class CpuPrefillPool:
-    """Spawned and joined workers, channels of [max_tokens, max_in] in and [max_tokens, max_out] out each.
+    """Spawned and joined workers, channels of [max_tokens, max_in] in and [max_tokens, max_out] out each, in
+    `dtype` (the engine's: x arrives in it, and the delta is added in it).
 
     num_workers processes are spawned at once (0 is allowed with a rendezvous_dir: only joiners then). With
     rendezvous_dir, `caraserve serve cpu_prefill` processes may join and leave at any time; if the socket cannot
@@ -171,12 +172,14 @@ class CpuPrefillPool:
         start_timeout_s: float = 120.0,
         rendezvous_dir: str | os.PathLike | None = None,
         device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if num_workers < 0 or (num_workers == 0 and rendezvous_dir is None):
             raise ValueError(f"num_workers must be positive (or 0 with a rendezvous_dir), got {num_workers}")
         self.max_tokens, self.max_in, self.max_out = max_tokens, max_in, max_out
         self.timeout_s = timeout_s
         self.device = device  # a GPU: every channel hands requests over through its stream (handoff.py)
+        self.dtype = dtype  # of the channels: activations out and deltas back (the engine's dtype)
         self.seconds_per_work: float | None = None  # measured: a slice's seconds per token x rank x width (EWMA)
         self._spin_s = spin_s
         self._ctx = mp.get_context("spawn")
@@ -213,7 +216,7 @@ class CpuPrefillPool:
             return self._next_index - 1
 
     def _spawn(self, index: int, core: int | None, spin_s: float | None) -> _Worker:
-        channel = self._engine_channel(HandoffChannel.create(self.max_tokens, self.max_in, self.max_out))
+        channel = self._engine_channel(HandoffChannel.create(self.max_tokens, self.max_in, self.max_out, self.dtype))
         ours, theirs = self._ctx.Pipe()
         proc = self._ctx.Process(target=worker_main, args=(channel.name, theirs, os.getpid(), core, spin_s),
                                  name=f"cpu_prefill-{index}", daemon=True)
@@ -262,7 +265,7 @@ class CpuPrefillPool:
             conn.close()
             return
         index = self._new_index()
-        channel = HandoffChannel.create(self.max_tokens, self.max_in, self.max_out)
+        channel = HandoffChannel.create(self.max_tokens, self.max_in, self.max_out, self.dtype)
         try:
             conn.send(("channel", {"name": channel.name, "index": index, "engine": self._rendezvous.name,
                                    "engine_pid": os.getpid()}))
@@ -342,7 +345,8 @@ class CpuPrefillPool:
         timeout_s: float | None = None,
         add_to: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The LoRA delta [n, out_features] (float32, CPU) of `group` of `layer` for x [n, in] — the value to ADD.
+        """The LoRA delta [n, out_features] (the pool's dtype, CPU) of `group` of `layer` for x [n, in] — the value
+        to ADD.
 
         out_features defaults to the group's last part end; columns outside the adapter's parts are zero.
         With add_to ([n, out_features], any device/dtype) the delta is added into it instead (straight from the
@@ -354,13 +358,13 @@ class CpuPrefillPool:
             out_features = hg.parts[-1].out_end if hg is not None else 0
         n = x.shape[0]
         if hg is None or n == 0:
-            return add_to if add_to is not None else torch.zeros(n, out_features, dtype=torch.float32)
+            return add_to if add_to is not None else torch.zeros(n, out_features, dtype=self.dtype)
         deadline = self._deadline(timeout_s)
         task = self._task(host, layer, group, out_features)
         workers = self._usable_or_raise()
         if add_to is not None and n <= len(workers) * self.max_tokens:  # one round: add from the buffers
             return self.finish_delta(self._pending(task, x, deadline, workers, hg), add_to)
-        delta = torch.empty(n, out_features, dtype=torch.float32)
+        delta = torch.empty(n, out_features, dtype=self.dtype)
         done = 0
         while done < n:  # rounds only when n exceeds max_tokens per live worker
             pending = self._submit_round(task, x, done, deadline, workers)

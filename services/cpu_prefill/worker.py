@@ -7,7 +7,10 @@ core and splits a segment's tokens across them. Per task (adapter id, layer, gro
     delta[:, out_start:out_end] = t[:, rank_start:rank_end] @ bᵀ   per part, b: [part out, r] (B · scale)
     delta[:, other columns]     = 0                                  # delta: [n, out] (output buffer)
 
-— the delta to ADD to the projection output, as torch_backend.apply_lora adds it. Adapter weights are read in
+— the delta to ADD to the projection output, as torch_backend.apply_lora adds it. x and delta are in the channel's
+dtype, the weights in the host cache's (both the engine's dtype). Half-precision weights are multiplied as they are
+where this CPU has native kernels for them (oneDNN: AVX512-BF16/AMX for bfloat16, AVX512-FP16/AMX-FP16 for float16;
+products accumulated in float32, as on the GPU), else converted to float32 per task. Adapter weights are read in
 place from the host cache's segments (mapped once per adapter, cached). Which adapter an id names arrives over a
 control pipe before the first task that uses it: ("adapter", id, HostAdapter.to_dict()) and ("forget", id).
 
@@ -18,6 +21,7 @@ looks for the next engine when that loop ends.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import OrderedDict
@@ -37,15 +41,31 @@ log = logging.getLogger("caraserve.cpu_prefill.worker")
 GroupView = tuple[torch.Tensor, list[tuple[int, int, int, int, torch.Tensor]]]
 
 
-def lora_delta_(out: torch.Tensor, x: torch.Tensor, gv: GroupView) -> None:
-    """Write the group's LoRA delta for x ([n, in]) into out ([n, out_width]), zeros outside its parts."""
+@functools.cache
+def compute_dtype(weights: torch.dtype) -> torch.dtype:
+    """The dtype a worker multiplies weights of `weights` dtype in: theirs where this CPU has native kernels for it,
+    else float32."""
+    if weights == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return weights
+    if weights == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return weights
+    return torch.float32
+
+
+def lora_delta_(out: torch.Tensor, x: torch.Tensor, gv: GroupView, compute: torch.dtype | None = None) -> None:
+    """Write the group's LoRA delta for x ([n, in]) into out ([n, out_width]), zeros outside its parts; the
+    products in `compute` (default: compute_dtype of the weights')."""
     a, parts = gv
-    t = x @ a.t()  # [n, R]
+    compute = compute_dtype(a.dtype) if compute is None else compute
+    t = x.to(compute) @ a.to(compute).t()  # [n, R] (.to is a no-op where the dtype already is)
     col = 0
     for out_start, out_end, rank_start, rank_end, b in parts:  # parts are in output order
         if out_start > col:
             out[:, col:out_start].zero_()
-        out[:, out_start:out_end].addmm_(t[:, rank_start:rank_end], b.t(), beta=0)
+        if out.dtype == compute:
+            out[:, out_start:out_end].addmm_(t[:, rank_start:rank_end], b.to(compute).t(), beta=0)
+        else:
+            out[:, out_start:out_end].copy_(t[:, rank_start:rank_end] @ b.to(compute).t())
         col = out_end
     if col < out.shape[1]:
         out[:, col:].zero_()

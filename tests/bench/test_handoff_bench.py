@@ -21,3 +21,7 @@ def test_quick_run_writes_every_channel(tmp_path):
     assert {"shm-signal", "shm"} <= channels and len(channels) >= 4  # and the pipe and socket baselines
     assert all(row["us"]["p50"] > 0 for row in result["round_trips"])
     assert result["lora_rate"] and all(r["worker_tokens_per_s"] > 0 for r in result["lora_rate"])
+    rates = {(r["dtype"], r["rank"]): r for r in result["lora_rate"]}
+    assert {d for d, _ in rates} == {"float32", "bfloat16", "float16"}  # every engine dtype, ratios to float32
+    assert all(r["worker_rate_vs_float32"] > 0 for r in result["lora_rate"])
+    assert rates["bfloat16", 8]["adapter_layer_bytes"] < rates["float32", 8]["adapter_layer_bytes"]

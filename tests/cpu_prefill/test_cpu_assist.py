@@ -18,9 +18,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the spawned worker
 
 from services.cpu_prefill.backend import CpuAssistLoRABackend
 from services.cpu_prefill.handoff import DONE_SEQ, REQ_SEQ
-from services.cpu_prefill.host_cache import HostAdapterCache
+from services.cpu_prefill.host_cache import HostAdapterCache, attach
 from services.cpu_prefill.pool import CpuAssistTimeout, CpuPrefillPool
 from services.cpu_prefill.segments import SHM_DIR, pid_alive
+from services.cpu_prefill.worker import compute_dtype, lora_delta_
 from services.gpu_worker.lora.batch_info import LoRABatchInfo
 from services.gpu_worker.lora.slot_weights import PROJECTION_GROUPS, build_slot_weights
 from services.gpu_worker.lora.torch_backend import TorchLoRABackend
@@ -149,6 +150,68 @@ def test_handoff_through_the_stream_matches(host_cache, slot_weights, device):
             assert w.channel.ctrl[REQ_SEQ] == w.channel.last_seq == w.channel.ctrl[DONE_SEQ] > 0
     finally:
         assert_closed_clean(p, pids, names)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="needs CUDA: on a GPU the copies are async on the stream"))])
+def test_half_precision_engine_hands_over_its_dtype(adapters, dtype, device):
+    """A half-precision engine's pool: host cache and channels in its dtype (the workers read them as such and
+    multiply natively where the CPU can), x goes out and the delta comes back in it; the deltas agree with the
+    float32 reference within the dtype's rounding."""
+    cache = HostAdapterCache(64 << 20, dtype=dtype)
+    hosts = [cache.put(a, NUM_LAYERS, WIDTHS) for a in adapters]
+    p = new_pool(2, dtype=dtype, device=torch.device(device))
+    pids, names = p.pids(), p.segment_names()
+    try:
+        assert all(w.channel.dtype == dtype for w in p._workers)
+        assert all(h.torch_dtype == dtype for h in hosts)
+        f32 = HostAdapterCache(64 << 20)
+        try:  # the same adapters laid out in float32: the half-precision segments take half the bytes
+            assert [h.nbytes for h in hosts] < [f32.put(a, NUM_LAYERS, WIDTHS).nbytes for a in adapters]
+        finally:
+            f32.close()
+        g = torch.Generator().manual_seed(9)
+        for tokens in (1, 37):
+            for host, adapter in zip(hosts, adapters):
+                sw = build_slot_weights(adapter, NUM_LAYERS, WIDTHS, torch.float32, torch.device("cpu"))
+                for group in PROJECTION_GROUPS:
+                    x = torch.randn(tokens, GROUP_IN[group], generator=g).to(dtype)
+                    y = torch.randn(tokens, GROUP_OUT[group], generator=g).to(dtype)
+                    got = p.compute_delta(host, 1, group, x.to(device), out_features=GROUP_OUT[group],
+                                          add_to=y.to(device, copy=True))
+                    assert got.dtype == dtype and got.device.type == device
+                    want = y.float() + reference_delta(sw, 1, group, x.float())
+                    torch.testing.assert_close(got.cpu().float(), want, rtol=0.0,
+                                               atol=2e-2 * want.abs().max().item())
+    finally:
+        assert_closed_clean(p, pids, names)
+        cache.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compute", ["native", "float32"])
+def test_worker_delta_from_half_precision_weights(adapters, dtype, compute):
+    """lora_delta_ on half-precision weights, multiplied in their dtype (where the CPU has kernels for it) or
+    converted to float32, into a half-precision or a float32 output."""
+    cache = HostAdapterCache(64 << 20, dtype=dtype)
+    try:
+        host = cache.put(adapters[1], NUM_LAYERS, WIDTHS)  # r16-all: every group, ranks 3..16
+        shm, layers = attach(host)
+        sw = build_slot_weights(adapters[1], NUM_LAYERS, WIDTHS, torch.float32, torch.device("cpu"))
+        g = torch.Generator().manual_seed(3)
+        for group in PROJECTION_GROUPS:
+            x = torch.randn(11, GROUP_IN[group], generator=g)
+            want = reference_delta(sw, 0, group, x.to(dtype).float())
+            for out_dtype in (dtype, torch.float32):
+                out = torch.full((11, GROUP_OUT[group]), float("nan"), dtype=out_dtype)
+                lora_delta_(out, x.to(out_dtype), layers[0][group],
+                            compute=compute_dtype(dtype) if compute == "native" else torch.float32)
+                torch.testing.assert_close(out.float(), want, rtol=0.0, atol=2e-2 * want.abs().max().item())
+        layers = None
+        shm.close()
+    finally:
+        cache.close()
 
 
 def test_channel_is_busy_until_the_submitted_seq_is_answered():

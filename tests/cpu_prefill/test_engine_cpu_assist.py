@@ -101,6 +101,36 @@ def test_always_equals_off(tiny_model, reference, workers, tmp_path, monkeypatch
     assert shm_entries() <= before  # every segment (host cache, channels) unlinked
 
 
+def test_always_equals_off_in_bfloat16(tiny_model, tmp_path):
+    """A bfloat16 engine: its host cache and channels hold bfloat16, and the workers' prefill gives the device
+    path's first tokens and logprobs within bfloat16's rounding (each rounds its intermediate products apart)."""
+    model_dir, adapters = tiny_model
+    outputs = {}
+    for assist in ("off", "always"):
+        engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=64, block_size=8,
+                                        max_num_batched_tokens=24, dtype="bfloat16", cpu_assist=assist,
+                                        cpu_workers=2, data_dir=str(tmp_path)))
+        try:
+            for name, path in adapters.items():
+                engine.load_adapter(name, path)
+            # one token: the prefill, which is what the workers compute (decode stays on the device)
+            outputs[assist] = engine.generate(PROMPTS, SamplingParams(max_tokens=1, temperature=0.0, logprobs=True,
+                                                                      top_logprobs=5), MODELS)
+            if assist == "always":
+                assert engine.cpu_assist.host.dtype == torch.bfloat16
+                assert {w.channel.dtype for w in engine.cpu_assist.pool._workers} == {torch.bfloat16}
+                assert engine.cpu_assist.backend.cpu_ranges > 0 and engine.cpu_assist.fallbacks == 0
+        finally:
+            engine.close()
+    for got, want in zip(outputs["always"], outputs["off"], strict=True):
+        top_got, top_want = dict(got.logprobs[0].top), dict(want.logprobs[0].top)
+        if want.logprobs[0].top[0][1] - want.logprobs[0].top[1][1] > 0.1:  # a clear argmax: the same token
+            assert got.token_ids == want.token_ids
+        shared = top_got.keys() & top_want.keys()
+        assert len(shared) >= 3
+        assert [top_got[t] for t in shared] == pytest.approx([top_want[t] for t in shared], abs=0.1)
+
+
 def test_stalled_worker_falls_back_and_completes(tiny_model, reference, tmp_path):
     model_dir, adapters = tiny_model
     engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=64, block_size=8, max_num_batched_tokens=24,

@@ -67,13 +67,15 @@ ADAPTER_CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", list(ADAPTER_CONFIGS))
-def test_layout_equals_slot_weights(base, tmp_path, prefix, kind):
+def test_layout_equals_slot_weights(base, tmp_path, prefix, kind, dtype):
+    """The segment holds what a device slot of the cache's dtype holds, value for value."""
     shape = BaseModelShape.from_hf_config(base.config)
     path = make_random_adapter(base, tmp_path / kind, seed=3, **ADAPTER_CONFIGS[kind])
     adapter = load_adapter(path, shape, name=kind)
-    expected = build_slot_weights(adapter, shape.num_layers, widths(shape), torch.float32, torch.device("cpu"))
-    with HostAdapterCache(1 << 30, prefix=prefix) as cache:
+    expected = build_slot_weights(adapter, shape.num_layers, widths(shape), dtype, torch.device("cpu"))
+    with HostAdapterCache(1 << 30, prefix=prefix, dtype=dtype) as cache:
         host = cache.put(adapter, shape.num_layers, widths(shape))
         assert host.segment.startswith(prefix + "-") and host.name == kind
         wire = HostAdapter.from_dict(msgpack.unpackb(msgpack.packb(host.to_dict())))
@@ -86,17 +88,19 @@ def test_layout_equals_slot_weights(base, tmp_path, prefix, kind):
                 assert list(got) == list(want) == list(meta)  # same groups, PROJECTION_GROUPS order
                 for group, (a, parts) in got.items():
                     assert group in PROJECTION_GROUPS
-                    assert a.dtype == torch.float32 and a.is_contiguous() and torch.equal(a, want[group].a)
+                    assert a.dtype == dtype and a.is_contiguous() and torch.equal(a, want[group].a)
                     assert [p[:4] for p in parts] == [(p.out_start, p.out_end, p.rank_start, p.rank_end)
                                                       for p in want[group].parts]
                     for (*_, b), p in zip(parts, want[group].parts):
                         assert b.is_contiguous() and torch.equal(b, p.b_scaled)
                     refs = [meta[group].a] + [p.b for p in meta[group].parts]
-                    spans += [(r.offset, r.offset + r.nbytes) for r in refs]
+                    spans += [(r.offset, r.offset + r.numel * dtype.itemsize) for r in refs]
             spans.sort()
             assert all(start % ALIGN == 0 for start, _ in spans)
             assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))  # no overlap
             assert spans[-1][1] <= host.nbytes <= shm.size
+            # packed: the segment ends where its last tensor (of the cache's dtype's size) does, aligned
+            assert host.nbytes == -(-spans[-1][1] // ALIGN) * ALIGN
             if kind == "some-groups":
                 assert [sorted(layer) for layer in layers] == [["down", "qkv"], [], ["down", "qkv"]]
                 assert [p[:4] for p in layers[2]["qkv"][1]] == [(0, 576, 0, 16), (768, 960, 16, 18)]
@@ -125,7 +129,7 @@ def test_odd_shapes_stay_aligned(prefix):
     with HostAdapterCache(1 << 20, prefix=prefix) as cache:
         host = cache.put(adapter, 2, odd_widths)
         refs = [r for layer in host.layers for grp in layer.values() for r in [grp.a] + [p.b for p in grp.parts]]
-        assert all(r.offset % ALIGN == 0 for r in refs) and refs[0].nbytes % ALIGN != 0
+        assert all(r.offset % ALIGN == 0 for r in refs) and refs[0].numel * 4 % ALIGN != 0
         shm, layers = attach(host)
         try:
             got = [t for layer in layers for a, parts in layer.values() for t in [a] + [p[4] for p in parts]]
