@@ -36,14 +36,14 @@ RANKS = [8, 16, 32, 64, 128]
 
 
 # ---- echo processes (spawn targets) ----------------------------------------------------------------------------
-def _shm_echo(name: str) -> None:
+def _shm_echo(name: str, parent: int) -> None:
     from services.cpu_prefill.handoff import STATUS_OK, HandoffChannel
 
     channel = HandoffChannel.attach(name)
     channel.set_worker(os.getpid())
     last = 0
-    while True:
-        seq = channel.wait_request(last, lambda: False, spin_s=1.0)  # busy-poll: the benchmark keeps it hot
+    while True:  # busy-poll: the benchmark keeps it hot; it exits with the benchmark (reparented) if that is killed
+        seq = channel.wait_request(last, lambda: os.getppid() != parent, spin_s=1.0)
         if seq is None:
             break
         channel.finish(seq, STATUS_OK)
@@ -112,7 +112,7 @@ def bench_round_trips(ctx, torch, hidden: int, token_counts: list[int], iters: i
     max_tokens = max(max(token_counts), 1)
     # shm
     channel = HandoffChannel.create(max_tokens, hidden, hidden)
-    proc = ctx.Process(target=_shm_echo, args=(channel.name,), daemon=True)
+    proc = ctx.Process(target=_shm_echo, args=(channel.name, os.getpid()), daemon=True)
     proc.start()
     try:
         while channel.status() == 0:
