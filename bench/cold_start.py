@@ -11,7 +11,10 @@ synchronised. Three systems:
   resident  cpu_assist off, the adapter put in its slot before the clock starts (the bound to compare with)
   off       cpu_assist off: the step loads the adapter to its slot, then prefills (S-LoRA-style on-demand loading)
   auto      cpu_assist auto: the load runs by layer groups on a side stream while the prefill starts at once, the
-            layers not landed computed by --cpu-workers cpu_prefill processes
+            layers not landed computed by --cpu-workers cpu_prefill processes (or waited for on the device, when
+            that is expected sooner); its groups of the engine's default size (load_group_layers 1)
+  auto_gN   the same with groups of N layers, for each other N in --load-group-layers (the artifact's 8: 32 layers
+            in 4 groups)
 
 Target (DESIGN.md, issue 5): auto within +5% of resident, clearly ahead of off. Output: JSON (default
 bench/results/cold_start.json) with machine info, git commit, config, each system's TTFT summary, the ratios and the
@@ -73,9 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--requests", type=int, default=24, help="measured requests per system (after 2 warm-up ones)")
     ap.add_argument("--cpu-workers", type=int, default=8, help="cpu_prefill processes of the auto engine")
+    ap.add_argument("--load-group-layers", default="1,8",
+                    help="layers per load group of the auto engines, comma-separated; must include the engine's "
+                         "default, 1, reported as 'auto' (the others as auto_gN) (default: 1,8)")
     ap.add_argument("--allow-cpu", action="store_true", help="run without CUDA (a smoke run of the code, no result)")
     ap.add_argument("--output", help=f"JSON path (default {result_path(NAME)})")
     args = ap.parse_args(argv)
+    from services.gpu_worker.engine.config import EngineConfig
+
+    try:
+        group_layers = [int(v) for v in args.load_group_layers.split(",")]
+        if not group_layers or min(group_layers) < 1:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--load-group-layers: positive integers, comma-separated, got {args.load_group_layers!r}")
+    default_group = EngineConfig.load_group_layers
+    if default_group not in group_layers:
+        ap.error(f"--load-group-layers must include the engine's default, {default_group} (its 'auto' system)")
+    engines = [("off", default_group)] + [("auto", g) for g in sorted(set(group_layers), key=group_layers.index)]
     chosen = gpu_or_smoke(NAME, args.allow_cpu, "it measures loading adapters to the GPU")
     if chosen is None:
         return 2
@@ -83,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     shape = SHAPES[args.shape]
     targets = args.targets.split(",")
 
-    from services.gpu_worker.engine.config import EngineConfig
     from services.gpu_worker.engine.llm_engine import LLMEngine
     from services.gpu_worker.kernel_warmup import warm_up_if_compiled
 
@@ -93,34 +110,40 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [torch.randint(3, shape["vocab_size"], (args.prompt_tokens,), generator=gen).tolist()
                for _ in range(total)]
     ttft: dict[str, list[float]] = {}
-    counters: dict[str, int] = {}
+    counters: dict[str, dict[str, int]] = {}
     with tempfile.TemporaryDirectory(prefix="cold-start-") as tmp:
         tmp = Path(tmp)
         progress(NAME, f"writing a random {args.shape} model and {args.adapters} rank-{args.rank} adapters")
         write_model(tmp / "model", shape, device, dtype)
         for a in range(args.adapters):
             write_adapter(tmp / f"lora{a}", shape, args.rank, targets, seed=a)
-        for assist in ("off", "auto"):
+        for assist, load_group_layers in engines:
             config = EngineConfig(
                 model=str(tmp / "model"), device=device.type, dtype=str(dtype).removeprefix("torch."),
                 max_loras=args.adapters, max_lora_rank=args.rank, max_num_seqs=8,
                 max_num_batched_tokens=max(2048, args.prompt_tokens), kv_cache_memory_gb=2.0,
                 cpu_assist=assist, cpu_workers=args.cpu_workers, data_dir=str(tmp / "data"),
+                load_group_layers=load_group_layers,
             )
-            progress(NAME, f"loading the engine (cpu_assist {assist})")
+            auto_name = "auto" if load_group_layers == default_group else f"auto_g{load_group_layers}"
+            progress(NAME, f"loading the engine (cpu_assist {assist}"
+                           f"{f', {load_group_layers}-layer load groups' if assist == 'auto' else ''})")
             engine = LLMEngine(config)
             try:
                 warm_up_if_compiled(engine, report=lambda line: progress(NAME, line))  # no compiling in a TTFT
                 for a in range(args.adapters):
                     engine.load_adapter(f"lora{a}", tmp / f"lora{a}")
-                systems = ("resident", "off") if assist == "off" else ("auto",)
+                systems = ("resident", "off") if assist == "off" else (auto_name,)
                 for system in systems:
                     progress(NAME, f"{system}: {total} requests")
                     ttft[system] = measure(engine, names, prompts, system == "resident", device)[2:]
                 if engine.cpu_assist is not None:
                     b = engine.cpu_assist.backend
-                    counters = {"pipelined_loads": engine.cpu_assist.pipelined_loads, "cpu_ranges": b.cpu_ranges,
-                                "landed_ranges": b.landed_ranges, "fallbacks": b.fallbacks}
+                    counters[auto_name] = {
+                        "pipelined_loads": engine.cpu_assist.pipelined_loads, "cpu_ranges": b.cpu_ranges,
+                        "landed_ranges": b.landed_ranges, "device_waits": engine.cpu_assist.device_waits,
+                        "fallbacks": b.fallbacks, "load_bytes_per_s": engine.cpu_assist.load_bytes_per_s,
+                        "host_adapter_bytes": max((h.nbytes for h in engine.cpu_assist._held.values()), default=0)}
             finally:
                 engine.close()
                 del engine
@@ -134,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": NAME, "timestamp": timestamp(), "machine": machine_info(), "git": git_commit(),
         "config": {"shape": args.shape, **shape, "dtype": str(dtype), "adapters": args.adapters, "rank": args.rank,
                    "targets": targets, "prompt_tokens": args.prompt_tokens, "requests": args.requests,
-                   "cpu_workers": args.cpu_workers},
+                   "cpu_workers": args.cpu_workers, "load_group_layers": group_layers},
         "ttft_ms": ms,
-        "ratio_p50_to_resident": {"auto": auto_ratio, "off": off_ratio},
+        "ratio_p50_to_resident": {k: v["p50"] / ms["resident"]["p50"] for k, v in ms.items() if k != "resident"},
         "target": {"auto_over_resident_max": 1.05, "met": auto_ratio <= 1.05 and auto_ratio < off_ratio},
         "auto_counters": counters,
     }
@@ -144,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         result["note"] = "CPU smoke run (--allow-cpu): cpu_assist auto is off without a GPU; not a result"
     out = write_result(NAME, result, args.output)
     print(f"TTFT p50: resident {ms['resident']['p50']:.1f} ms, off {ms['off']['p50']:.1f} ms ({off_ratio:.2f}x), "
-          f"auto {ms['auto']['p50']:.1f} ms ({auto_ratio:.2f}x; target <= 1.05x) -> {out}")
+          f"auto {ms['auto']['p50']:.1f} ms ({auto_ratio:.2f}x; target <= 1.05x)"
+          + "".join(f", {k} {v['p50']:.1f} ms" for k, v in ms.items() if k.startswith("auto_g")) + f" -> {out}")
     return 0
 
 

@@ -42,9 +42,6 @@ from services.gpu_worker.lora.pipelined_load import LayerGroupLoad, LoadError, P
 from services.gpu_worker.lora.slot_weights import PROJECTION_GROUPS
 from shared.adapters import LoRAAdapter, LoRAModuleWeights
 
-# an adapter's layers load in this many groups (the artifact: 32 layers in 4 groups)
-LOAD_GROUPS = 4
-
 log = logging.getLogger(__name__)
 
 
@@ -52,14 +49,14 @@ class CpuAssist:
     def __init__(self, model, adapters, num_layers: int, part_widths: dict[str, int], *, num_workers: int,
                  max_tokens: int, host_cache_bytes: int, timeout_s: float = 5.0, data_dir: str | None = None,
                  accept_joiners: bool = True, mode: str = "always", reserve_slot=None,
-                 loader: PipelinedLoader | None = None, load_groups: int = LOAD_GROUPS) -> None:
+                 loader: PipelinedLoader | None = None, load_groups: int | None = None) -> None:
         """`mode` always or auto. auto needs `reserve_slot(adapter) -> (slot content, write(layers))` (the
-        engine's device tier: the content goes in the slot at once, `write` fills it layer group by group) and
-        `loader` (a side stream on CUDA)."""
+        engine's device tier: the content goes in the slot at once, `write` fills it layer group by group),
+        `loader` (a side stream on CUDA) and `load_groups`, how many groups an adapter's layers load in."""
         if mode not in ("always", "auto"):
             raise ValueError(f"CpuAssist mode must be always or auto, got {mode!r}")
-        if mode == "auto" and (reserve_slot is None or loader is None):
-            raise ValueError("CpuAssist auto needs reserve_slot and loader")
+        if mode == "auto" and (reserve_slot is None or loader is None or load_groups is None):
+            raise ValueError("CpuAssist auto needs reserve_slot, loader and load_groups")
         self.mode = mode
         self.adapters = adapters  # the engine's AdapterCache: which adapter is in which slot
         self.num_layers = num_layers

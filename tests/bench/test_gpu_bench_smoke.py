@@ -33,12 +33,20 @@ def test_smoke_run_writes_every_system(tmp_path):
     assert cold_start.main(["--allow-cpu", "--shape", "tiny", "--adapters", "2", "--requests", "3",
                             "--prompt-tokens", "16", "--cpu-workers", "1", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["ttft_ms"]) == {"resident", "off", "auto"}
+    assert set(result["ttft_ms"]) == {"resident", "off", "auto", "auto_g8"}  # auto: one layer per load group
     assert all(result["ttft_ms"][k]["p50"] > 0 for k in result["ttft_ms"])
-    assert set(result["ratio_p50_to_resident"]) == {"auto", "off"} and "met" in result["target"]
+    assert set(result["ratio_p50_to_resident"]) == {"auto", "off", "auto_g8"} and "met" in result["target"]
+    assert result["config"]["load_group_layers"] == [1, 8]
     assert result["git"]["commit"] and result["config"]["rank"] == 64
     if not torch.cuda.is_available():
         assert "not a result" in result["note"]
+
+
+@pytest.mark.parametrize("value", ["8", "0,1", "one"])
+def test_cold_start_refuses_bad_load_groups_at_once(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cold_start.main(["--allow-cpu", "--load-group-layers", value])
+    assert exit_info.value.code == 2 and "--load-group-layers" in capsys.readouterr().err
 
 
 def test_decode_step_smoke_run(tmp_path):

@@ -16,7 +16,6 @@ import torch
 
 import threading
 
-from services.cpu_prefill.assist import LOAD_GROUPS
 from services.gpu_worker.engine import llm_engine
 from services.gpu_worker.engine.config import ConfigError, EngineConfig
 from services.gpu_worker.engine.llm_engine import LLMEngine
@@ -30,6 +29,7 @@ ADAPTERS = {  # name -> LoraConfig kwargs
                                           "down_proj"]),
     "r8-mlp": dict(r=8, target_modules=["gate_proj", "up_proj", "down_proj"], use_rslora=True),
 }
+ALL_GROUPS = 3  # the tiny model's layers: one load group each (load_group_layers 1)
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8, 1, 2, 64, 33], [11, 12, 13], list(range(40, 75)), [7, 7, 7, 7, 9]]
 MODELS = ["r4-attn", "r16-all", None, "r8-mlp"]
 
@@ -275,6 +275,24 @@ def test_auto_equals_off(tiny_model, reference, tmp_path, monkeypatch):
     assert_same_outputs(results, reference, abs=1e-4)
 
 
+def test_load_group_layers_sets_the_groups_of_a_load(tiny_model, reference, tmp_path, monkeypatch):
+    """load_group_layers: how many layers each event of a pipelined load covers; outputs do not depend on it."""
+    with pytest.raises(ConfigError, match="load_group_layers must be >= 1"):
+        EngineConfig(load_group_layers=0)
+    for layers, groups in ((1, [range(0, 1), range(1, 2), range(2, 3)]), (8, [range(0, 3)]),
+                           (2, [range(0, 2), range(2, 3)])):
+        engine = auto_engine(tiny_model, tmp_path, monkeypatch, cpu_workers=1, load_group_layers=layers)
+        try:
+            assert engine.cpu_assist._groups == groups
+            if layers == 2:
+                results = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, logprobs=True),
+                                          MODELS)
+                assert engine.cpu_assist.pipelined_loads == 3
+        finally:
+            engine.close()
+    assert_same_outputs(results, reference, abs=1e-4)
+
+
 def test_auto_leaves_a_range_to_the_device_when_its_group_lands_first(tiny_model, reference, tmp_path, monkeypatch):
     """Where the workers are measured slower than the loads, a range of a layer still loading is not sent to them:
     the device waits for that layer's group and computes it (on a GPU with fast copies, waiting can beat the CPU).
@@ -285,7 +303,7 @@ def test_auto_leaves_a_range_to_the_device_when_its_group_lands_first(tiny_model
     assist.pool.seconds_per_work = 1.0  # ... and the workers are slow
     gate = GroupGate()
     assist.loader.before_group = gate
-    threading.Timer(0.3, gate.allow, args=(LOAD_GROUPS,)).start()  # (here the groups land 0.3 s later)
+    threading.Timer(0.3, gate.allow, args=(ALL_GROUPS,)).start()  # (here the groups land 0.3 s later)
     try:
         results = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, logprobs=True), MODELS)
         assert assist.pipelined_loads == 3 and assist.device_waits > 0
@@ -301,7 +319,7 @@ def test_auto_measures_its_loads_and_workers(tiny_model, tmp_path, monkeypatch):
     assist = engine.cpu_assist
     gate = GroupGate()  # the loads land 0.3 s after they start: the first prefills are the workers'
     assist.loader.before_group = gate
-    threading.Timer(0.3, gate.allow, args=(LOAD_GROUPS,)).start()
+    threading.Timer(0.3, gate.allow, args=(ALL_GROUPS,)).start()
     try:
         assert assist.load_bytes_per_s is None and assist.pool.seconds_per_work is None
         engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0), MODELS)

@@ -52,6 +52,10 @@ class EngineConfig:
     cuda_graphs: str = "auto"
     cpu_workers: int = 2
     host_cache_gb: float = 4.0
+    # cpu_assist auto: layers per group of a cold adapter's pipelined load (an event per group; a layer's device
+    # kernels are used once its group has landed). 1: every layer as soon as it lands, which is never later than a
+    # coarser grouping (the copies run in the same order); the paper's artifact used 8 (32 layers in 4 groups)
+    load_group_layers: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -75,6 +79,8 @@ class EngineConfig:
             raise ConfigError(f"cpu_workers must be >= 0, got {self.cpu_workers}")
         if self.host_cache_gb <= 0:
             raise ConfigError(f"host_cache_gb must be > 0, got {self.host_cache_gb}")
+        if self.load_group_layers < 1:
+            raise ConfigError(f"load_group_layers must be >= 1, got {self.load_group_layers}")
         for name in ("attention_backend", "lora_backend"):
             value = getattr(self, name)
             if value not in ("auto", "torch", "triton"):
