@@ -242,10 +242,7 @@ def bench_lora_rate(torch, ranks: list[int], tokens: int, hidden: int, inter: in
                     lora_delta_(outs[g], xs[g], layers[0][g])
 
             worker_us = summarize(time_calls(layer_on_worker, iters))
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            local_us = summarize(time_calls(layer_in_process, iters))
-            torch.set_num_threads(threads)
+            local_us = summarize(time_calls(layer_in_process, iters))  # one thread, as the worker
             del layers, outs
             shm.close()
             rows.append(dict(dtype=str(dtype).removeprefix("torch."),
@@ -278,6 +275,9 @@ def main() -> int:
 
     import torch
 
+    # one intra-op thread here: on a small machine a second OpenMP thread copying the slice competes for the core
+    # the busy-polling peer spins on (measured on 2 cores: 16-token round trips of ~13 ms instead of ~16 us)
+    torch.set_num_threads(1)
     ctx = mp.get_context("spawn")
     token_counts = [0, 1, 16, 128]
     iters = 200 if args.quick else args.iters
