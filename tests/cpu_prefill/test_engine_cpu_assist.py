@@ -101,7 +101,9 @@ def test_always_equals_off(tiny_model, reference, workers, tmp_path, monkeypatch
     assert shm_entries() <= before  # every segment (host cache, channels) unlinked
 
 
-def test_always_equals_off_in_bfloat16(tiny_model, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: the stream handoff in bfloat16"))])
+def test_always_equals_off_in_bfloat16(tiny_model, tmp_path, device):
     """A bfloat16 engine: its host cache and channels hold bfloat16, and the workers' prefill gives the device
     path's first tokens and logprobs within bfloat16's rounding (each rounds its intermediate products apart)."""
     model_dir, adapters = tiny_model
@@ -109,7 +111,7 @@ def test_always_equals_off_in_bfloat16(tiny_model, tmp_path):
     for assist in ("off", "always"):
         engine = LLMEngine(EngineConfig(model=str(model_dir), num_kv_blocks=64, block_size=8,
                                         max_num_batched_tokens=24, dtype="bfloat16", cpu_assist=assist,
-                                        cpu_workers=2, data_dir=str(tmp_path)))
+                                        cpu_workers=2, data_dir=str(tmp_path), device=device))
         try:
             for name, path in adapters.items():
                 engine.load_adapter(name, path)
