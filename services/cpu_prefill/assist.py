@@ -83,6 +83,9 @@ class CpuAssist:
             raise
         self._held: dict[str, HostAdapter] = {}  # adapters registered with the engine and in the host cache
         self.pipelined_loads = 0  # cold adapters loaded pipelined (auto), for tests and stats
+        # auto: host seconds spent starting those loads (the slot reserved and every copy enqueued), which the step
+        # spends before it launches its forward pass: what the side stream's copies cost the host
+        self.load_enqueue_s = 0.0
         self.device_waits = 0  # auto: ranges of a loading layer left to the device, its group expected sooner
         self.load_bytes_per_s: float | None = None  # auto: measured pipelined load bandwidth (EWMA)
         self._unmeasured: list[tuple[LayerGroupLoad, int]] = []  # auto: loads out of _loads, not yet timed
@@ -159,9 +162,11 @@ class CpuAssist:
         source = self._sources.get(adapter.name)
         if source is None or not self.pool.alive():
             return self._build_resident(adapter)
+        started = time.perf_counter()
         content, write = self._reserve_slot(source.adapter)
         self._loads[adapter.name] = (self.loader.start(self._groups, write), content, write)
         self.pipelined_loads += 1
+        self.load_enqueue_s += time.perf_counter() - started
         return content
 
     def _free_slot(self, content) -> None:

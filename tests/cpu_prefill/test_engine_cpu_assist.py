@@ -327,6 +327,7 @@ def test_auto_measures_its_loads_and_workers(tiny_model, tmp_path, monkeypatch):
         engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0), MODELS)
         assert assist.backend.cpu_ranges > 0
         assert assist.load_bytes_per_s > 0 and assist.pool.seconds_per_work > 0
+        assert assist.pipelined_loads == 3 and assist.load_enqueue_s > 0  # the host's share of starting them
     finally:
         engine.close()
 

@@ -156,7 +156,9 @@ class LoRAGpuPool:
 
     def write_layers(self, handle: PoolHandle, adapter: LoRAAdapter, layers: range) -> None:
         """Copy `adapter`'s weights for `layers` into the rows `reserve` gave `handle`. Copies go to the device
-        first and are scaled and cast there: from pinned host tensors (on a side stream) they never block the host."""
+        first and are scaled and cast there: from pinned host tensors (on a side stream) they never block the host.
+        A pipelined load's source (the host cache: the pool's dtype, B already scaled) takes one copy per A and two
+        per B (to the device, then transposed into its rows): the host enqueues as few operations as it can."""
         entry = handle.entry
         by_key = {(m.layer, m.module): m for m in adapter.modules if m.layer in layers}
         for group, names in PROJECTION_GROUPS.items():
@@ -171,9 +173,13 @@ class LoRAGpuPool:
                     if m is None:
                         continue
                     rows = slice(off + start, off + start + m.rank)
-                    g.a[layer, rows] = m.lora_a.to(device=self.device, non_blocking=True).to(self.dtype)
-                    g.b[layer, rows, : g.widths[p]] = (
-                        m.lora_b.to(device=self.device, non_blocking=True).mul(m.scale).t().to(self.dtype))
+                    a = m.lora_a  # same dtype: straight into its (contiguous) rows; else cast on the device
+                    g.a[layer, rows].copy_(a if a.dtype == self.dtype else a.to(self.device, non_blocking=True),
+                                           non_blocking=True)
+                    b = m.lora_b.to(device=self.device, non_blocking=True)
+                    if m.scale != 1.0:
+                        b = b.mul(m.scale)  # in B's own dtype, then rounded once by the copy, as build_slot_weights
+                    g.b[layer, rows, : g.widths[p]].copy_(b.t())
                     start += m.rank
 
     def free(self, handle: PoolHandle) -> None:

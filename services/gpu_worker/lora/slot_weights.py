@@ -76,7 +76,10 @@ def write_slot_layers(
                 module = by_key.get((layer, name))
                 if module is not None:
                     a_list.append(module.lora_a.to(device=device, non_blocking=True))
-                    b = module.lora_b.to(device=device, non_blocking=True).mul(module.scale).to(dtype).contiguous()
+                    b = module.lora_b.to(device=device, non_blocking=True)
+                    if module.scale != 1.0:  # (a host cache's B is scaled already: no kernel for it)
+                        b = b.mul(module.scale)
+                    b = b.to(dtype).contiguous()
                     parts.append(LoRAPart(out_start, out_start + width, rank_start, rank_start + module.rank, b))
                     rank_start += module.rank
                 out_start += width

@@ -66,8 +66,9 @@ def assert_layout(pool: LoRAGpuPool, handle, adapter: LoRAAdapter) -> None:
                 assert torch.equal(g.b[layer, off + s : off + part.rank_end, :width], part.b_scaled.t())
 
 
-def test_layout_equals_slot_weights(device):
-    pool = make_pool(device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layout_equals_slot_weights(device, dtype):
+    pool = make_pool(device, dtype=dtype)
     a = make_adapter("a", 1, {"q_proj": 4, "v_proj": 16, "o_proj": 1, "up_proj": 3, "down_proj": 7})
     b = make_adapter("b", 2, layer_ranks=[{"k_proj": 2, "gate_proj": 5}, {"q_proj": 9, "k_proj": 1, "v_proj": 3}])
     ha, hb = pool.build(a), pool.build(b)
@@ -164,12 +165,22 @@ def test_backend_matches_torch_backend(launch, device):
             assert torch.equal(got[0], y[0])
 
 
-def test_pipelined_writes_equal_build(device):
-    """reserve + write_layers group by group (as a pipelined load writes) lays out what build does; the metadata is
-    set by reserve, before any weight lands."""
+def prescaled(adapter: LoRAAdapter, dtype: torch.dtype) -> LoRAAdapter:
+    """The adapter as a pipelined load's source holds it (the host cache): in the pool's dtype, B times the scale."""
+    modules = [LoRAModuleWeights(m.layer, m.module, m.lora_a.to(dtype), (m.lora_b * m.scale).to(dtype), 1.0)
+               for m in adapter.modules]
+    return LoRAAdapter(adapter.name, adapter.path, adapter.config, modules)
+
+
+@pytest.mark.parametrize("source", ["adapter", "host-cache"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pipelined_writes_equal_build(device, dtype, source):
+    """reserve + write_layers group by group (as a pipelined load writes) lays out what build does, from an adapter
+    as loaded (float32, scale apart) or from the host cache (the pool's dtype, B scaled: no cast, no scaling kernel);
+    the metadata is set by reserve, before any weight lands."""
     from services.gpu_worker.lora.pipelined_load import PipelinedLoader, layer_groups
 
-    pool = make_pool(device)
+    pool = make_pool(device, dtype=dtype)
     a = make_adapter("a", 1, {"q_proj": 4, "v_proj": 16, "o_proj": 1, "up_proj": 3, "down_proj": 7})
     b = make_adapter("b", 2, layer_ranks=[{"k_proj": 2, "gate_proj": 5}, {"q_proj": 9, "k_proj": 1, "v_proj": 3}])
     for adapter in (a, b):
@@ -178,8 +189,9 @@ def test_pipelined_writes_equal_build(device):
         off, rows = qkv.extents[handle.entry]
         assert int(qkv.rank[:, handle.entry].sum()) > 0  # the metadata is set at once ...
         assert not qkv.a[:, off : off + rows].any()  # ... the weights not yet
+        src = adapter if source == "adapter" else prescaled(adapter, dtype)
         load = PipelinedLoader(device).start(layer_groups(LAYERS, 4),
-                                             lambda layers, h=handle, ad=adapter: pool.write_layers(h, ad, layers))
+                                             lambda layers, h=handle, ad=src: pool.write_layers(h, ad, layers))
         load.wait()
         assert load.done() and all(load.landed(layer) for layer in range(LAYERS))
         assert_layout(pool, handle, adapter)
