@@ -83,9 +83,11 @@ class CpuAssist:
             raise
         self._held: dict[str, HostAdapter] = {}  # adapters registered with the engine and in the host cache
         self.pipelined_loads = 0  # cold adapters loaded pipelined (auto), for tests and stats
-        # auto: host seconds spent starting those loads (the slot reserved and every copy enqueued), which the step
-        # spends before it launches its forward pass: what the side stream's copies cost the host
+        # auto: host seconds the engine's thread spent starting those loads (reserving their slots, starting their
+        # threads), before it launches the step's forward pass; and the seconds their own threads spent enqueueing
+        # the copies (summed over the loads measured so far)
         self.load_enqueue_s = 0.0
+        self.load_thread_s = 0.0
         self.device_waits = 0  # auto: ranges of a loading layer left to the device, its group expected sooner
         self.load_bytes_per_s: float | None = None  # auto: measured pipelined load bandwidth (EWMA)
         self._unmeasured: list[tuple[LayerGroupLoad, int]] = []  # auto: loads out of _loads, not yet timed
@@ -234,6 +236,7 @@ class CpuAssist:
             if seconds is None:
                 pending.append((load, nbytes))
             elif seconds > 0:
+                self.load_thread_s += load.enqueue_s or 0.0
                 rate = nbytes / seconds
                 self.load_bytes_per_s = rate if self.load_bytes_per_s is None else \
                     0.8 * self.load_bytes_per_s + 0.2 * rate

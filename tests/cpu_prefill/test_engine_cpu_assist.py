@@ -327,7 +327,8 @@ def test_auto_measures_its_loads_and_workers(tiny_model, tmp_path, monkeypatch):
         engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0), MODELS)
         assert assist.backend.cpu_ranges > 0
         assert assist.load_bytes_per_s > 0 and assist.pool.seconds_per_work > 0
-        assert assist.pipelined_loads == 3 and assist.load_enqueue_s > 0  # the host's share of starting them
+        assert assist.pipelined_loads == 3 and assist.load_enqueue_s > 0  # the engine thread's share of starting
+        assert assist.load_thread_s > 0  # ... and the loads' own threads' (counted as their loads are measured)
     finally:
         engine.close()
 

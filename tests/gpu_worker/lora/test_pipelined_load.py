@@ -86,3 +86,31 @@ def test_a_failed_group_is_reported_and_later_groups_never_land():
     with pytest.raises(LoadError):
         load.wait_layer_on_device(2)  # its group never will
     assert load.seconds() is None
+
+
+def test_the_load_thread_does_the_host_side_work(device):
+    """The caller's thread only starts a load: every write runs on the load's own thread (on CUDA with the side
+    stream current there), so a step launches its prefill without first enqueueing every copy; the thread's time
+    is reported (enqueue_s)."""
+    a = adapter(1)
+    want = build_slot_weights(a, LAYERS, WIDTHS, torch.float32, device)
+    weights = [{} for _ in range(LAYERS)]
+    seen = []  # (thread, current stream) of each write
+    loader = PipelinedLoader(device)
+
+    def write(layers):
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        seen.append((threading.get_ident(), stream))
+        write_slot_layers(weights, a, layers, WIDTHS, torch.float32, device)
+
+    load = loader.start(layer_groups(LAYERS, LAYERS), write)
+    load.wait_on_device()  # every group enqueued (written, on the CPU), whatever the copies' progress
+    assert len(seen) == LAYERS
+    assert {thread for thread, _ in seen} == {seen[0][0]} and seen[0][0] != threading.get_ident()
+    if device.type == "cuda":
+        assert all(stream == loader._stream for _, stream in seen)
+    load.wait()
+    assert load.done() and load.seconds() > 0 and load.enqueue_s > 0
+    for layer in range(LAYERS):
+        for group, gw in want[layer].items():
+            assert torch.equal(weights[layer][group].a, gw.a)
