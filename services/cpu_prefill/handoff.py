@@ -5,7 +5,8 @@ share one):
 
     [0, 64)     engine-written: request seq, stop flag, task header (adapter id, layer, group, tokens, in, out)
     [64, 128)   worker-written: done seq, status, worker pid, leaving flag
-    [128, 192)  fixed at creation: max_tokens, max_in, max_out, dtype (the worker maps its views from these)
+    [128, 192)  fixed at creation: max_tokens, max_in, max_out, dtype (the worker maps its views from these),
+                the worker's spin window in µs
     [256, ...)  input  buffer, max_tokens * max_in elements   (a task uses its first n * in as [n, in])
     [...]       output buffer, max_tokens * max_out elements  (a task's delta: its first n * out, [n, out])
 
@@ -13,9 +14,13 @@ The buffers hold the engine's dtype (float32, bfloat16 or float16; CHANNEL_DTYPE
 an activation crosses PCIe in half the bytes of float32, in both directions, and nobody converts it on the way.
 
 Protocol (single writer per field, so plain stores suffice on x86's total store order): the engine writes the
-input slice and the header, then bumps the request seq; the worker busy-polls the request seq (backing off to
-sleeps of up to 1 ms when idle, so idle workers do not burn cores), computes, writes the delta and its status,
-then sets done seq = request seq. The engine reads the output only once done seq equals the seq it wrote.
+input slice and the header, then bumps the request seq; the worker busy-polls the request seq (for the channel's
+spin window after its last task, then backing off to sleeps of up to 1 ms, so idle workers do not burn cores),
+computes, writes the delta and its status, then sets done seq = request seq. The engine reads the output only once
+done seq equals the seq it wrote. The spin window is the engine's to set, in the channel, so that joined workers
+follow it too: short next to a CPU engine (SPIN_S: the workers share its cores), long next to a GPU engine
+(GPU_SPIN_S: its workers have cores of their own, and a prefill's layers hand tasks over ~0.1-2 ms apart, which
+doubling sleeps after a short window would each delay by up to ~0.3 ms).
 
 On a GPU (`signal_through(device)`, the engine's side): the segment is page-locked (cudaHostRegister, pinning.py),
 and a request whose input is on that device is handed over by the device's current stream: the input slice is an
@@ -45,14 +50,15 @@ REQ_SEQ, STOP, ADAPTER_ID, LAYER, GROUP, N_TOKENS, IN_WIDTH, OUT_WIDTH = range(8
 # worker-written
 DONE_SEQ, STATUS, WORKER_PID, LEAVING = 8, 9, 10, 11
 # fixed at creation
-MAX_TOKENS, MAX_IN, MAX_OUT, DTYPE = 16, 17, 18, 19
+MAX_TOKENS, MAX_IN, MAX_OUT, DTYPE, SPIN_US = 16, 17, 18, 19, 20
 
 CHANNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the DTYPE field holds the index here
 
 CONTROL_BYTES = 256
 STATUS_STARTING, STATUS_OK, STATUS_ERROR = 0, 1, 2
 
-SPIN_S = 50e-6  # idle worker: busy-poll this long after the last task ...
+SPIN_S = 50e-6  # idle worker: busy-poll this long after the last task (next to a CPU engine) ...
+GPU_SPIN_S = 5e-3  # (next to a GPU engine: longer than the gaps between a prefill's layers)
 MAX_SLEEP_S = 1e-3  # ... then sleep, doubling from MIN_SLEEP_S up to this
 MIN_SLEEP_S = 20e-6
 
@@ -78,6 +84,7 @@ class HandoffChannel:
         self.max_in = self.ctrl[MAX_IN]
         self.max_out = self.ctrl[MAX_OUT]
         self.dtype: torch.dtype = CHANNEL_DTYPES[self.ctrl[DTYPE]]
+        self.spin_s: float = self.ctrl[SPIN_US] / 1e6  # the worker's busy-poll window after a task
         in_count, out_count = self.max_tokens * self.max_in, self.max_tokens * self.max_out
         out_off = CONTROL_BYTES + _align(self.dtype.itemsize * in_count)
         # flat views; a task views its first n * width elements as a contiguous [n, width]
@@ -90,8 +97,8 @@ class HandoffChannel:
         self._pinned = None  # signal_through on CUDA: the segment's registration
 
     @classmethod
-    def create(cls, max_tokens: int, max_in: int, max_out: int, dtype: torch.dtype = torch.float32
-               ) -> HandoffChannel:
+    def create(cls, max_tokens: int, max_in: int, max_out: int, dtype: torch.dtype = torch.float32,
+               spin_s: float = SPIN_S) -> HandoffChannel:
         if min(max_tokens, max_in, max_out) <= 0:
             raise ValueError("max_tokens, max_in and max_out must be positive")
         if dtype not in CHANNEL_DTYPES:
@@ -100,6 +107,7 @@ class HandoffChannel:
         ctrl = shm.buf[:CONTROL_BYTES].cast("q")
         ctrl[MAX_TOKENS], ctrl[MAX_IN], ctrl[MAX_OUT] = max_tokens, max_in, max_out
         ctrl[DTYPE] = CHANNEL_DTYPES.index(dtype)
+        ctrl[SPIN_US] = max(0, round(spin_s * 1e6))
         ctrl.release()
         return cls(shm, owner=True)
 
@@ -190,15 +198,16 @@ class HandoffChannel:
         c = self.ctrl
         return c[ADAPTER_ID], c[LAYER], c[GROUP], c[N_TOKENS], c[IN_WIDTH], c[OUT_WIDTH]
 
-    def wait_request(self, last_seq: int, on_idle: Callable[[], bool], spin_s: float = SPIN_S) -> int | None:
+    def wait_request(self, last_seq: int, on_idle: Callable[[], bool], spin_s: float | None = None) -> int | None:
         """Busy-poll for a request seq other than last_seq; None once stopped or when on_idle() says to exit.
 
-        After spin_s without a request the wait sleeps, doubling from MIN_SLEEP_S to MAX_SLEEP_S; on_idle runs
-        before each sleep (the worker's housekeeping: parent liveness, control messages).
+        After spin_s (default: the channel's window) without a request the wait sleeps, doubling from MIN_SLEEP_S
+        to MAX_SLEEP_S; on_idle runs before each sleep (the worker's housekeeping: parent liveness, control
+        messages).
         """
         c = self.ctrl
         clock = time.perf_counter
-        spin_until = clock() + spin_s
+        spin_until = clock() + (self.spin_s if spin_s is None else spin_s)
         sleep = MIN_SLEEP_S
         while True:
             seq = c[REQ_SEQ]

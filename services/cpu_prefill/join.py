@@ -40,7 +40,7 @@ class _State:
 
 
 def join_worker_main(directory: str, index: int, core: int | None = None, log_level: str = "info",
-                     parent_pid: int | None = None, spin_s: float | None = None) -> int:
+                     parent_pid: int | None = None) -> int:
     """The process entry (multiprocessing spawn target); returns when asked to leave (0)."""
     _setup_logging(log_level, index)
     from services.cpu_prefill.worker import setup_process
@@ -65,14 +65,14 @@ def join_worker_main(directory: str, index: int, core: int | None = None, log_le
             time.sleep(POLL_S)
             continue
         engine = rv.choose(engines, index)
-        if _serve_engine(run_dir, engine, index, core, state, skipped, spin_s):
+        if _serve_engine(run_dir, engine, index, core, state, skipped):
             waiting_said = False
     log.info("stopped")
     return 0
 
 
 def _serve_engine(run_dir: Path, engine: rv.EngineSocket, index: int, core: int | None, state: _State,
-                  skipped: set[str], spin_s: float | None) -> bool:
+                  skipped: set[str]) -> bool:
     """Join `engine` and serve it until it ends; whether we were joined at all."""
     from services.cpu_prefill.handoff import HandoffChannel
     from services.cpu_prefill.worker import serve_channel
@@ -134,7 +134,7 @@ def _serve_engine(run_dir: Path, engine: rv.EngineSocket, index: int, core: int 
                 return False
             return time.monotonic() - leave_since > LEAVE_GRACE_S
 
-        why = serve_channel(channel, conn, should_exit, spin_s)
+        why = serve_channel(channel, conn, should_exit)  # spinning for the engine's window (in the channel)
         if state.leaving:
             log.info("left gpu_worker %s", engine.name)
         else:

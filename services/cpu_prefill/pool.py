@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from services.cpu_prefill.handoff import STATUS_OK, WORKER_PID, HandoffChannel
+from services.cpu_prefill.handoff import GPU_SPIN_S, SPIN_S, STATUS_OK, WORKER_PID, HandoffChannel
 from services.cpu_prefill.host_cache import HostAdapter
 from services.cpu_prefill.rendezvous import RendezvousError, RendezvousListener
 from services.cpu_prefill.worker import GROUP_NAMES, worker_main
@@ -180,8 +180,10 @@ class CpuPrefillPool:
         self.timeout_s = timeout_s
         self.device = device  # a GPU: every channel hands requests over through its stream (handoff.py)
         self.dtype = dtype  # of the channels: activations out and deltas back (the engine's dtype)
+        # the workers' busy-poll window after a task (handoff.py), set in each channel: joined workers follow it too
+        self.spin_s = spin_s if spin_s is not None else \
+            GPU_SPIN_S if device is not None and device.type == "cuda" else SPIN_S
         self.seconds_per_work: float | None = None  # measured: a slice's seconds per token x rank x width (EWMA)
-        self._spin_s = spin_s
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
         self._adapter_ids: dict[str, int] = {}  # segment name -> id sent in task headers
@@ -196,7 +198,7 @@ class CpuPrefillPool:
         try:
             for _ in range(num_workers):
                 core = cores[len(self._workers) % len(cores)] if cores else None
-                self._workers.append(self._spawn(self._new_index(), core, spin_s))
+                self._workers.append(self._spawn(self._new_index(), core))
             self._wait_started(start_timeout_s)
             if rendezvous_dir is not None:
                 try:
@@ -215,10 +217,10 @@ class CpuPrefillPool:
             self._next_index += 1
             return self._next_index - 1
 
-    def _spawn(self, index: int, core: int | None, spin_s: float | None) -> _Worker:
-        channel = self._engine_channel(HandoffChannel.create(self.max_tokens, self.max_in, self.max_out, self.dtype))
+    def _spawn(self, index: int, core: int | None) -> _Worker:
+        channel = self._engine_channel(self._new_channel())
         ours, theirs = self._ctx.Pipe()
-        proc = self._ctx.Process(target=worker_main, args=(channel.name, theirs, os.getpid(), core, spin_s),
+        proc = self._ctx.Process(target=worker_main, args=(channel.name, theirs, os.getpid(), core),
                                  name=f"cpu_prefill-{index}", daemon=True)
         worker = _Worker(index, _Spawned(proc), channel, ours)
         try:
@@ -242,7 +244,7 @@ class CpuPrefillPool:
 
     def add_workers(self, count: int, cores: list[int] | None = None, start_timeout_s: float = 120.0) -> None:
         """Start `count` more workers (the node scales its CPU side while serving); they take the next call."""
-        new = [self._spawn(self._new_index(), cores[i % len(cores)] if cores else None, self._spin_s)
+        new = [self._spawn(self._new_index(), cores[i % len(cores)] if cores else None)
                for i in range(count)]
         self._workers.extend(new)
         try:
@@ -265,7 +267,7 @@ class CpuPrefillPool:
             conn.close()
             return
         index = self._new_index()
-        channel = HandoffChannel.create(self.max_tokens, self.max_in, self.max_out, self.dtype)
+        channel = self._new_channel()
         try:
             conn.send(("channel", {"name": channel.name, "index": index, "engine": self._rendezvous.name,
                                    "engine_pid": os.getpid()}))
@@ -296,6 +298,9 @@ class CpuPrefillPool:
         for w in new:
             self._engine_channel(w.channel)
         self._workers.extend(new)
+
+    def _new_channel(self) -> HandoffChannel:
+        return HandoffChannel.create(self.max_tokens, self.max_in, self.max_out, self.dtype, self.spin_s)
 
     def _engine_channel(self, channel: HandoffChannel) -> HandoffChannel:
         """The engine thread's set-up of a new worker's channel: on a GPU, requests go through its stream."""

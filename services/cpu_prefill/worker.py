@@ -45,10 +45,13 @@ GroupView = tuple[torch.Tensor, list[tuple[int, int, int, int, torch.Tensor]]]
 def compute_dtype(weights: torch.dtype) -> torch.dtype:
     """The dtype a worker multiplies weights of `weights` dtype in: theirs where this CPU has native kernels for it,
     else float32."""
-    if weights == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return weights
-    if weights == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        return weights
+    try:
+        if weights == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return weights
+        if weights == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            return weights
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN: float32, which is always there
+        pass
     return torch.float32
 
 
@@ -149,8 +152,7 @@ def setup_process(core: int | None) -> None:
             log.warning("cpu_prefill worker: cannot pin to core %s: %s", core, e)
 
 
-def serve_channel(channel: HandoffChannel, conn, should_exit: Callable[[], bool] | None = None,
-                  spin_s: float | None = None) -> str:
+def serve_channel(channel: HandoffChannel, conn, should_exit: Callable[[], bool] | None = None) -> str:
     """Answer the channel's tasks until told to stop; why it ended: "stop" (the channel's stop flag), "gone" (the
     control connection closed) or "exit" (should_exit(), asked while idle, said so)."""
     adapters = _Attachments(conn)
@@ -170,11 +172,10 @@ def serve_channel(channel: HandoffChannel, conn, should_exit: Callable[[], bool]
         return False
 
     last = channel.ctrl[DONE_SEQ]  # a fresh channel starts at 0
-    kwargs = {} if spin_s is None else {"spin_s": spin_s}
     try:
         with torch.inference_mode():
             while True:
-                seq = channel.wait_request(last, on_idle, **kwargs)
+                seq = channel.wait_request(last, on_idle)  # spinning for the channel's window
                 if seq is None:
                     return why
                 status = STATUS_OK
@@ -197,11 +198,11 @@ def serve_channel(channel: HandoffChannel, conn, should_exit: Callable[[], bool]
         adapters.close()
 
 
-def worker_main(channel_name: str, conn, parent_pid: int, core: int | None = None, spin_s: float | None = None) -> None:
+def worker_main(channel_name: str, conn, parent_pid: int, core: int | None = None) -> None:
     """The process entry of a spawned worker (multiprocessing spawn target)."""
     setup_process(core)
     channel = HandoffChannel.attach(channel_name)
     try:
-        serve_channel(channel, conn, lambda: os.getppid() != parent_pid, spin_s)
+        serve_channel(channel, conn, lambda: os.getppid() != parent_pid)
     finally:
         channel.close()

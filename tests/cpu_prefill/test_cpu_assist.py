@@ -214,6 +214,36 @@ def test_worker_delta_from_half_precision_weights(adapters, dtype, compute):
         cache.close()
 
 
+def test_the_spin_window_is_the_engines_and_travels_in_the_channel():
+    """The worker's busy-poll window after a task is set by the engine in the channel (so joined workers follow it
+    too): short next to a CPU engine, long next to a GPU engine; an attached worker waits that long before its
+    first idle check."""
+    from services.cpu_prefill.handoff import GPU_SPIN_S, SPIN_S, HandoffChannel
+
+    p = new_pool(1)
+    try:
+        assert p.spin_s == SPIN_S and all(w.channel.spin_s == SPIN_S for w in p._workers)
+    finally:
+        p.close()
+    if CUDA:
+        p = new_pool(1, device=torch.device("cuda"))
+        try:
+            assert all(w.channel.spin_s == GPU_SPIN_S for w in p._workers)
+        finally:
+            p.close()
+    channel = HandoffChannel.create(4, 8, 8, spin_s=0.25)
+    worker_side = HandoffChannel.attach(channel.name)
+    try:
+        assert worker_side.spin_s == 0.25
+        idle_at = []
+        started = time.perf_counter()
+        assert worker_side.wait_request(0, lambda: idle_at.append(time.perf_counter()) or True) is None
+        assert idle_at[0] - started >= 0.25  # busy-polled the whole window before going idle
+    finally:
+        worker_side.close()
+        channel.close()
+
+
 def test_channel_is_busy_until_the_submitted_seq_is_answered():
     """With requests handed over by the stream, the request seq field lags what the engine submitted until the
     device writes it: whether the buffers may be rewritten is decided by the engine's own count."""
