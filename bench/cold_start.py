@@ -15,6 +15,8 @@ synchronised. Three systems:
             that is expected sooner); its groups of the engine's default size (load_group_layers 1)
   auto_gN   the same with groups of N layers, for each other N in --load-group-layers (the artifact's 8: 32 layers
             in 4 groups)
+  auto_inline  auto with the engine's thread enqueueing every copy of a load when it starts, before the step's
+            forward pass (load_enqueue inline), against auto's load threads (--no-inline skips it)
 
 Target (DESIGN.md, issue 5): auto within +5% of resident, clearly ahead of off. Output: JSON (default
 bench/results/cold_start.json) with machine info, git commit, config, each system's TTFT summary, the ratios and the
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-group-layers", default="1,8",
                     help="layers per load group of the auto engines, comma-separated; must include the engine's "
                          "default, 1, reported as 'auto' (the others as auto_gN) (default: 1,8)")
+    ap.add_argument("--no-inline", action="store_true",
+                    help="skip auto_inline (auto with the engine's thread enqueueing the loads' copies)")
     ap.add_argument("--allow-cpu", action="store_true", help="run without CUDA (a smoke run of the code, no result)")
     ap.add_argument("--output", help=f"JSON path (default {result_path(NAME)})")
     args = ap.parse_args(argv)
@@ -95,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     default_group = EngineConfig.load_group_layers
     if default_group not in group_layers:
         ap.error(f"--load-group-layers must include the engine's default, {default_group} (its 'auto' system)")
-    engines = [("off", default_group)] + [("auto", g) for g in sorted(set(group_layers), key=group_layers.index)]
+    # (system name, cpu_assist, EngineConfig overrides)
+    engines = [("off", "off", {})] + [
+        ("auto" if g == default_group else f"auto_g{g}", "auto", {"load_group_layers": g})
+        for g in sorted(set(group_layers), key=group_layers.index)]
+    if not args.no_inline:
+        engines.append(("auto_inline", "auto", {"load_enqueue": "inline"}))
     chosen = gpu_or_smoke(NAME, args.allow_cpu, "it measures loading adapters to the GPU")
     if chosen is None:
         return 2
@@ -119,29 +128,28 @@ def main(argv: list[str] | None = None) -> int:
         write_model(tmp / "model", shape, device, dtype)
         for a in range(args.adapters):
             write_adapter(tmp / f"lora{a}", shape, args.rank, targets, seed=a)
-        for assist, load_group_layers in engines:
+        for name, assist, overrides in engines:
             config = EngineConfig(
                 model=str(tmp / "model"), device=device.type, dtype=str(dtype).removeprefix("torch."),
                 max_loras=args.adapters, max_lora_rank=args.rank, max_num_seqs=8,
                 max_num_batched_tokens=max(2048, args.prompt_tokens), kv_cache_memory_gb=2.0,
                 cpu_assist=assist, cpu_workers=args.cpu_workers, data_dir=str(tmp / "data"),
-                load_group_layers=load_group_layers,
+                **overrides,
             )
-            auto_name = "auto" if load_group_layers == default_group else f"auto_g{load_group_layers}"
             progress(NAME, f"loading the engine (cpu_assist {assist}"
-                           f"{f', {load_group_layers}-layer load groups' if assist == 'auto' else ''})")
+                           f"{f', {overrides}' if overrides else ''})")
             engine = LLMEngine(config)
             try:
                 warm_up_if_compiled(engine, report=lambda line: progress(NAME, line))  # no compiling in a TTFT
                 for a in range(args.adapters):
                     engine.load_adapter(f"lora{a}", tmp / f"lora{a}")
-                systems = ("resident", "off") if assist == "off" else (auto_name,)
+                systems = ("resident", "off") if assist == "off" else (name,)
                 for system in systems:
                     progress(NAME, f"{system}: {total} requests")
                     ttft[system] = measure(engine, names, prompts, system == "resident", device)[2:]
                 if engine.cpu_assist is not None:
                     b = engine.cpu_assist.backend
-                    counters[auto_name] = {
+                    counters[name] = {
                         "pipelined_loads": engine.cpu_assist.pipelined_loads, "cpu_ranges": b.cpu_ranges,
                         "landed_ranges": b.landed_ranges, "device_waits": engine.cpu_assist.device_waits,
                         "fallbacks": b.fallbacks, "load_bytes_per_s": engine.cpu_assist.load_bytes_per_s,
@@ -162,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": NAME, "timestamp": timestamp(), "machine": machine_info(), "git": git_commit(),
         "config": {"shape": args.shape, **shape, "dtype": str(dtype), "adapters": args.adapters, "rank": args.rank,
                    "targets": targets, "prompt_tokens": args.prompt_tokens, "requests": args.requests,
-                   "cpu_workers": args.cpu_workers, "load_group_layers": group_layers},
+                   "cpu_workers": args.cpu_workers, "load_group_layers": group_layers,
+                   "systems": {name: overrides for name, assist, overrides in engines if assist == "auto"}},
         "ttft_ms": ms,
         "ratio_p50_to_resident": {k: v["p50"] / ms["resident"]["p50"] for k, v in ms.items() if k != "resident"},
         "target": {"auto_over_resident_max": 1.05, "met": auto_ratio <= 1.05 and auto_ratio < off_ratio},
@@ -173,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     out = write_result(NAME, result, args.output)
     print(f"TTFT p50: resident {ms['resident']['p50']:.1f} ms, off {ms['off']['p50']:.1f} ms ({off_ratio:.2f}x), "
           f"auto {ms['auto']['p50']:.1f} ms ({auto_ratio:.2f}x; target <= 1.05x)"
-          + "".join(f", {k} {v['p50']:.1f} ms" for k, v in ms.items() if k.startswith("auto_g")) + f" -> {out}")
+          + "".join(f", {k} {v['p50']:.1f} ms" for k, v in ms.items() if k.startswith("auto_")) + f" -> {out}")
     return 0
 
 

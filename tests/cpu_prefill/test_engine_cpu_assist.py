@@ -295,6 +295,20 @@ def test_load_group_layers_sets_the_groups_of_a_load(tiny_model, reference, tmp_
     assert_same_outputs(results, reference, abs=1e-4)
 
 
+def test_inline_load_enqueue_equals_off(tiny_model, reference, tmp_path, monkeypatch):
+    """load_enqueue inline: the engine's thread writes (enqueues) a load's groups when it starts, no load thread."""
+    with pytest.raises(ConfigError, match="load_enqueue must be thread or inline"):
+        EngineConfig(load_enqueue="later")
+    engine = auto_engine(tiny_model, tmp_path, monkeypatch, cpu_workers=1, load_enqueue="inline")
+    try:
+        assert not engine.cpu_assist.loader.threaded
+        results = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0.0, logprobs=True), MODELS)
+        assert engine.cpu_assist.pipelined_loads == 3
+    finally:
+        engine.close()
+    assert_same_outputs(results, reference, abs=1e-4)
+
+
 def test_auto_leaves_a_range_to_the_device_when_its_group_lands_first(tiny_model, reference, tmp_path, monkeypatch):
     """Where the workers are measured slower than the loads, a range of a layer still loading is not sent to them:
     the device waits for that layer's group and computes it (on a GPU with fast copies, waiting can beat the CPU).

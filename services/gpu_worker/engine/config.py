@@ -56,6 +56,10 @@ class EngineConfig:
     # kernels are used once its group has landed). 1: every layer as soon as it lands, which is never later than a
     # coarser grouping (the copies run in the same order); the paper's artifact used 8 (32 layers in 4 groups)
     load_group_layers: int = 1
+    # cpu_assist auto: who enqueues a pipelined load's copies. thread: a thread of the load's own, while the engine's
+    # thread launches the step (the host work of a 7B adapter's copies is milliseconds); inline: the engine's thread,
+    # all of them when the load starts, before the step's forward pass (bench/cold_start.py measures both)
+    load_enqueue: str = "thread"
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -81,6 +85,8 @@ class EngineConfig:
             raise ConfigError(f"host_cache_gb must be > 0, got {self.host_cache_gb}")
         if self.load_group_layers < 1:
             raise ConfigError(f"load_group_layers must be >= 1, got {self.load_group_layers}")
+        if self.load_enqueue not in ("thread", "inline"):
+            raise ConfigError(f"load_enqueue must be thread or inline, got {self.load_enqueue!r}")
         for name in ("attention_backend", "lora_backend"):
             value = getattr(self, name)
             if value not in ("auto", "torch", "triton"):

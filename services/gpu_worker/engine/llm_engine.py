@@ -112,7 +112,8 @@ class LLMEngine:
             from services.cpu_prefill.assist import CpuAssist
             from services.gpu_worker.lora.pipelined_load import PipelinedLoader
 
-            auto = dict(mode="auto", reserve_slot=self._reserve_slot, loader=PipelinedLoader(device),
+            auto = dict(mode="auto", reserve_slot=self._reserve_slot,
+                        loader=PipelinedLoader(device, threaded=config.load_enqueue == "thread"),
                         load_groups=-(-c.num_hidden_layers // config.load_group_layers)) if assist == "auto" else {}
             self.cpu_assist = CpuAssist(
                 self.model, self.adapters, c.num_hidden_layers, widths, num_workers=config.cpu_workers,

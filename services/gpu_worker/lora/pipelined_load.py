@@ -7,7 +7,8 @@ copies the adapter's weights for those layers into its slot (torch slot weights 
 Each load has a thread of its own that calls `write` for the groups in order and publishes each group once
 written, so the engine's thread does none of a load's host-side work: enqueueing the copies of a 7B adapter is
 hundreds of torch operations (milliseconds), which the engine would otherwise spend before it launches the step's
-prefill (`enqueue_s`: what the thread spent).
+prefill (`enqueue_s`: what the thread spent). (`threaded=False`, EngineConfig load_enqueue "inline": the caller
+writes every group in `start`, as before; kept to measure the two against each other.)
 - CUDA: the thread enqueues each group's copies on one side stream and records an event after them.
   `landed(layer)` is: its group published and its event complete; `wait_layer_on_device(layer)` makes the current
   stream wait for that event (the host blocks only until the thread has enqueued the group, never for the copies),
@@ -100,14 +101,17 @@ class _ThreadedLoad(LayerGroupLoad):
     waits for it."""
 
     def __init__(self, groups: list[range], write: Callable[[range], None],
-                 before_group: Callable[[int], None] | None) -> None:
+                 before_group: Callable[[int], None] | None, threaded: bool = True) -> None:
         super().__init__(groups)
         self._published: list = []  # per written group, in order: its marker
         self._cond = threading.Condition()
         self._finished = False  # the thread has written every group, or failed
         self._thread = threading.Thread(target=self._run, args=(write, before_group), daemon=True,
                                         name="caraserve-adapter-load")
-        self._thread.start()
+        if threaded:
+            self._thread.start()
+        else:  # inline: every group written (enqueued, on CUDA) by the caller, now; the thread is never started
+            self._run(write, before_group)
 
     # what subclasses define
     def _context(self):
@@ -164,8 +168,12 @@ class _ThreadedLoad(LayerGroupLoad):
     def wait_on_device(self) -> None:
         self._device_wait(self._written(len(self.groups) - 1))
 
+    def _join(self) -> None:
+        if self._thread.ident is not None:  # (never started: inline)
+            self._thread.join()
+
     def wait(self) -> None:
-        self._thread.join()
+        self._join()
         self._raise_if_failed()
 
 
@@ -180,7 +188,7 @@ class _CudaLoad(_ThreadedLoad):
     """CUDA: the thread enqueues each group's copies on the side stream and records an event after them."""
 
     def __init__(self, groups: list[range], write: Callable[[range], None], stream: torch.cuda.Stream,
-                 before_group: Callable[[int], None] | None) -> None:
+                 before_group: Callable[[int], None] | None, threaded: bool = True) -> None:
         self._stream = stream
         self._device = stream.device
         # rows reserved (and zeroed) on the main stream before are written after: ordered here, on the engine's
@@ -189,7 +197,7 @@ class _CudaLoad(_ThreadedLoad):
         self._start = torch.cuda.Event(enable_timing=True)
         self._start.record(stream)
         self._last = len(groups) - 1
-        super().__init__(groups, write, before_group)
+        super().__init__(groups, write, before_group, threaded)
 
     def _context(self):
         stack = contextlib.ExitStack()
@@ -209,7 +217,7 @@ class _CudaLoad(_ThreadedLoad):
         torch.cuda.current_stream(self._device).wait_event(event)
 
     def wait(self) -> None:
-        self._thread.join()
+        self._join()
         if self._published:
             self._published[-1].synchronize()
         self._raise_if_failed()
@@ -221,16 +229,19 @@ class _CudaLoad(_ThreadedLoad):
 
 
 class PipelinedLoader:
-    """Starts layer-group loads on `device`, a thread per load (on CUDA enqueueing on one side stream).
+    """Starts layer-group loads on `device`, a thread per load (on CUDA enqueueing on one side stream); with
+    threaded=False the caller's thread writes (enqueues) every group in `start` instead.
 
     `before_group(g)` runs on a load's thread before group g is written: tests use it to hold groups back."""
 
-    def __init__(self, device: torch.device, before_group: Callable[[int], None] | None = None) -> None:
+    def __init__(self, device: torch.device, before_group: Callable[[int], None] | None = None,
+                 threaded: bool = True) -> None:
         self.device = device
         self.before_group = before_group
+        self.threaded = threaded
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def start(self, groups: list[range], write: Callable[[range], None]) -> LayerGroupLoad:
         if self._stream is not None:
-            return _CudaLoad(groups, write, self._stream, self.before_group)
-        return _HostLoad(groups, write, self.before_group)
+            return _CudaLoad(groups, write, self._stream, self.before_group, self.threaded)
+        return _HostLoad(groups, write, self.before_group, self.threaded)

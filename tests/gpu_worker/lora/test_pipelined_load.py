@@ -88,15 +88,16 @@ def test_a_failed_group_is_reported_and_later_groups_never_land():
     assert load.seconds() is None
 
 
-def test_the_load_thread_does_the_host_side_work(device):
+@pytest.mark.parametrize("threaded", [True, False], ids=["thread", "inline"])
+def test_the_load_thread_does_the_host_side_work(device, threaded):
     """The caller's thread only starts a load: every write runs on the load's own thread (on CUDA with the side
     stream current there), so a step launches its prefill without first enqueueing every copy; the thread's time
-    is reported (enqueue_s)."""
+    is reported (enqueue_s). Inline (threaded=False), the caller writes them all before start returns."""
     a = adapter(1)
     want = build_slot_weights(a, LAYERS, WIDTHS, torch.float32, device)
     weights = [{} for _ in range(LAYERS)]
     seen = []  # (thread, current stream) of each write
-    loader = PipelinedLoader(device)
+    loader = PipelinedLoader(device, threaded=threaded)
 
     def write(layers):
         stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
@@ -104,9 +105,12 @@ def test_the_load_thread_does_the_host_side_work(device):
         write_slot_layers(weights, a, layers, WIDTHS, torch.float32, device)
 
     load = loader.start(layer_groups(LAYERS, LAYERS), write)
+    if not threaded:
+        assert len(seen) == LAYERS  # written (enqueued) before start returned
     load.wait_on_device()  # every group enqueued (written, on the CPU), whatever the copies' progress
     assert len(seen) == LAYERS
-    assert {thread for thread, _ in seen} == {seen[0][0]} and seen[0][0] != threading.get_ident()
+    assert {thread for thread, _ in seen} == {seen[0][0]}
+    assert (seen[0][0] != threading.get_ident()) == threaded
     if device.type == "cuda":
         assert all(stream == loader._stream for _, stream in seen)
     load.wait()
