@@ -4,7 +4,7 @@ Layout (byte offsets; every field int64, each side's fields on their own cache l
 share one):
 
     [0, 64)     engine-written: request seq, stop flag, task header (adapter id, layer, group, tokens, in, out)
-    [64, 128)   worker-written: done seq, status, worker pid, leaving flag
+    [64, 128)   worker-written: done seq, status, worker pid, leaving flag, sleeping flag
     [128, 192)  fixed at creation: max_tokens, max_in, max_out, dtype (the worker maps its views from these),
                 the worker's spin window in µs
     [256, ...)  input  buffer, max_tokens * max_in elements   (a task uses its first n * in as [n, in])
@@ -20,7 +20,9 @@ computes, writes the delta and its status, then sets done seq = request seq. The
 done seq equals the seq it wrote. The spin window is the engine's to set, in the channel, so that joined workers
 follow it too: short next to a CPU engine (SPIN_S: the workers share its cores), long next to a GPU engine
 (GPU_SPIN_S: its workers have cores of their own, and a prefill's layers hand tasks over ~0.1-2 ms apart, which
-doubling sleeps after a short window would each delay by up to ~0.3 ms).
+doubling sleeps after a short window would each delay by up to ~0.3 ms). A worker that sleeps says so (its
+sleeping flag) and sleeps waiting on its control connection: the engine, handing it a request, sends a wake
+message there, so the first request after an idle period waits for no sleep to end (only for the wake-up).
 
 On a GPU (`signal_through(device)`, the engine's side): the segment is page-locked (cudaHostRegister, pinning.py),
 and a request whose input is on that device is handed over by the device's current stream: the input slice is an
@@ -48,7 +50,7 @@ from services.cpu_prefill.segments import attach_segment, create_segment
 # engine-written
 REQ_SEQ, STOP, ADAPTER_ID, LAYER, GROUP, N_TOKENS, IN_WIDTH, OUT_WIDTH = range(8)
 # worker-written
-DONE_SEQ, STATUS, WORKER_PID, LEAVING = 8, 9, 10, 11
+DONE_SEQ, STATUS, WORKER_PID, LEAVING, SLEEPING = 8, 9, 10, 11, 12
 # fixed at creation
 MAX_TOKENS, MAX_IN, MAX_OUT, DTYPE, SPIN_US = 16, 17, 18, 19, 20
 
@@ -192,23 +194,31 @@ class HandoffChannel:
         """Whether the worker asked to leave (it answers what it was given, and takes nothing new)."""
         return self.ctrl[LEAVING] != 0
 
+    def sleeping(self) -> bool:
+        """Whether the worker is in an idle sleep (a request handed over now should come with a wake message)."""
+        return self.ctrl[SLEEPING] != 0
+
     # ---- worker side -------------------------------------------------------------------------------------------
     def header(self) -> tuple[int, int, int, int, int, int]:
         """(adapter id, layer, group, n tokens, in width, out width) of the pending request."""
         c = self.ctrl
         return c[ADAPTER_ID], c[LAYER], c[GROUP], c[N_TOKENS], c[IN_WIDTH], c[OUT_WIDTH]
 
-    def wait_request(self, last_seq: int, on_idle: Callable[[], bool], spin_s: float | None = None) -> int | None:
+    def wait_request(self, last_seq: int, on_idle: Callable[[], bool], spin_s: float | None = None,
+                     sleep: Callable[[float], bool] | None = None) -> int | None:
         """Busy-poll for a request seq other than last_seq; None once stopped or when on_idle() says to exit.
 
         After spin_s (default: the channel's window) without a request the wait sleeps, doubling from MIN_SLEEP_S
-        to MAX_SLEEP_S; on_idle runs before each sleep (the worker's housekeeping: parent liveness, control
-        messages).
+        to MAX_SLEEP_S, with the sleeping flag set; on_idle runs before each sleep (the worker's housekeeping:
+        parent liveness, control messages). `sleep(seconds)` sleeps and returns whether it was woken early (the
+        worker: a poll of its control connection, where the engine sends its wake messages); woken, the wait spins
+        for the window again. Default: time.sleep, never woken.
         """
         c = self.ctrl
         clock = time.perf_counter
-        spin_until = clock() + (self.spin_s if spin_s is None else spin_s)
-        sleep = MIN_SLEEP_S
+        window = self.spin_s if spin_s is None else spin_s
+        spin_until = clock() + window
+        pause = MIN_SLEEP_S
         while True:
             seq = c[REQ_SEQ]
             if seq != last_seq:
@@ -219,8 +229,13 @@ class HandoffChannel:
                 continue
             if on_idle():
                 return None
-            time.sleep(sleep)
-            sleep = min(sleep * 2, MAX_SLEEP_S)
+            c[SLEEPING] = 1
+            woken = sleep(pause) if sleep is not None else time.sleep(pause)
+            c[SLEEPING] = 0
+            if woken:
+                spin_until, pause = clock() + window, MIN_SLEEP_S
+            else:
+                pause = min(pause * 2, MAX_SLEEP_S)
 
     def set_worker(self, pid: int) -> None:
         self.ctrl[WORKER_PID] = pid

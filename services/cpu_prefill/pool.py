@@ -472,6 +472,11 @@ class CpuPrefillPool:
                     raise CpuAssistTimeout(f"cpu_prefill worker {w.index} is gone") from None
                 w.known.add(adapter_id)
             seq = w.channel.submit(x[start : start + size], adapter_id, layer, group_idx, out_features)
+            if w.channel.sleeping():  # in an idle sleep (up to 1 ms): woken now, it is spinning when the slice lands
+                try:
+                    w.conn.send(("wake", 0, None))
+                except OSError:
+                    pass  # gone: the wait notices
             pending.append((w, seq, start, start + size))
             start += size
         return pending

@@ -12,7 +12,8 @@ dtype, the weights in the host cache's (both the engine's dtype). Half-precision
 where this CPU has native kernels for them (oneDNN: AVX512-BF16/AMX for bfloat16, AVX512-FP16/AMX-FP16 for float16;
 products accumulated in float32, as on the GPU), else converted to float32 per task. Adapter weights are read in
 place from the host cache's segments (mapped once per adapter, cached). Which adapter an id names arrives over a
-control pipe before the first task that uses it: ("adapter", id, HostAdapter.to_dict()) and ("forget", id).
+control pipe before the first task that uses it: ("adapter", id, HostAdapter.to_dict()) and ("forget", id); an idle
+worker sleeps polling that pipe, and ("wake", 0, None), sent with a task, only ends its sleep.
 
 A spawned worker (the pool's child, `worker_main`) exits on the channel's stop flag, when its parent dies
 (reparented: getppid changes), or when the control pipe closes. A joined worker (`caraserve serve cpu_prefill`,
@@ -175,7 +176,8 @@ def serve_channel(channel: HandoffChannel, conn, should_exit: Callable[[], bool]
     try:
         with torch.inference_mode():
             while True:
-                seq = channel.wait_request(last, on_idle)  # spinning for the channel's window
+                # spinning for the channel's window, then sleeping on the control connection (the engine's wake)
+                seq = channel.wait_request(last, on_idle, sleep=conn.poll)
                 if seq is None:
                     return why
                 status = STATUS_OK

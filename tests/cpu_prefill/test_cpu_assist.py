@@ -26,6 +26,7 @@ from services.gpu_worker.lora.batch_info import LoRABatchInfo
 from services.gpu_worker.lora.slot_weights import PROJECTION_GROUPS, build_slot_weights
 from services.gpu_worker.lora.torch_backend import TorchLoRABackend
 from shared.adapters import LoRAAdapter, LoRAModuleWeights
+from helpers.waiting import wait_for
 
 NUM_LAYERS = 2
 HIDDEN, KV, INTER = 64, 32, 96
@@ -242,6 +243,52 @@ def test_the_spin_window_is_the_engines_and_travels_in_the_channel():
     finally:
         worker_side.close()
         channel.close()
+
+
+def test_an_idle_worker_sleeps_said_and_wakes_to_spin_again():
+    """Past its window the worker sleeps with its sleeping flag set; a sleep that was woken (the engine's wake
+    message on its connection) is followed by a whole window of spinning, not by a longer sleep."""
+    from services.cpu_prefill.handoff import HandoffChannel
+
+    channel = HandoffChannel.create(4, 8, 8, spin_s=0.1)
+    worker_side = HandoffChannel.attach(channel.name)
+    sleeps, idles = [], []
+
+    def sleep(seconds: float) -> bool:
+        assert channel.sleeping()  # as the engine sees it
+        sleeps.append(time.perf_counter())
+        if len(sleeps) == 1:
+            return True  # woken
+        time.sleep(seconds)
+        return False
+
+    try:
+        assert not channel.sleeping()
+        assert worker_side.wait_request(0, lambda: idles.append(1) or len(idles) == 3, sleep=sleep) is None
+        assert len(sleeps) == 2 and sleeps[1] - sleeps[0] >= 0.1  # spun the window again after the wake
+        assert not channel.sleeping()
+    finally:
+        worker_side.close()
+        channel.close()
+
+
+def test_a_sleeping_worker_is_woken_with_its_task(host_cache, slot_weights):
+    _, hosts = host_cache
+    p = new_pool(1)
+    pids, names = p.pids(), p.segment_names()
+    try:
+        worker = p._workers[0]
+        x = torch.randn(5, GROUP_IN["o"])
+        p.compute_delta(hosts[1], 0, "o", x, out_features=GROUP_OUT["o"])  # (the adapter's layout sent: known)
+        wait_for(worker.channel.sleeping, 10, "the idle worker to sleep")  # past its 50 us window
+        sent = []
+        send = worker.conn.send
+        worker.conn.send = lambda message: sent.append(message[0]) or send(message)
+        got = p.compute_delta(hosts[1], 0, "o", x, out_features=GROUP_OUT["o"])
+        torch.testing.assert_close(got, reference_delta(slot_weights[1], 0, "o", x), rtol=1e-5, atol=1e-5)
+        assert sent == ["wake"]  # with the task, since it slept
+    finally:
+        assert_closed_clean(p, pids, names)
 
 
 def test_channel_is_busy_until_the_submitted_seq_is_answered():
