@@ -52,6 +52,7 @@ class CpuAssistStep:
     slots: list  # the step's slot list, for preparing inner infos lazily
     inner_infos: dict[tuple[Segment, ...], LoRABatchInfo | None] = field(default_factory=dict)
     started: tuple | None = None  # (layer, group, segment, PendingDelta) handed to the workers by `begin`
+    decided: tuple | None = None  # (layer, group, [(segment, host, on the workers?)]): `begin`'s, for `apply`
 
 
 def _split(segment: Segment, prefill: list[tuple[int, int]] | None) -> tuple[list[Segment], list[Segment]]:
@@ -135,6 +136,20 @@ class CpuAssistLoRABackend:
             step.inner_infos[extra] = sub
         return step.inner_infos[extra]
 
+    def _decide(self, step: CpuAssistStep, layer: int, group: str, keep: bool = False) -> list:
+        """[(segment, host, whether the workers compute it)] for this projection's assisted ranges: `on_cpu` asked
+        once per range and projection (`begin` keeps its answers for `apply`, which uses and drops them)."""
+        decided, step.decided = step.decided, None
+        if decided is None or decided[:2] != (layer, group):
+            ranges = []
+            for seg, host in step.assisted:
+                cpu = self.on_cpu is None or self.on_cpu(seg[0], layer, group, seg[2] - seg[1])
+                ranges.append((seg, host, cpu))
+            decided = (layer, group, ranges)
+        if keep:
+            step.decided = decided
+        return decided[2]
+
     def begin(self, x: torch.Tensor, slots: list, layer: int, group: str, info: LoRABatchInfo) -> None:
         """Called before the base projection of `group`: the first range whose delta the workers compute is handed
         to them now, so they work while the device runs the projection (DESIGN.md: copy out, signal, then launch
@@ -143,8 +158,8 @@ class CpuAssistLoRABackend:
         if self.out_widths is None or not isinstance(step, CpuAssistStep):
             return
         step.started = None
-        for (slot, start, end), host in step.assisted:
-            if self.on_cpu is not None and not self.on_cpu(slot, layer, group, end - start):
+        for (slot, start, end), host, cpu in self._decide(step, layer, group, keep=True):
+            if not cpu:
                 continue
             try:
                 pending = self.pool.start_delta(host, layer, group, x[start:end], self.out_widths[group])
@@ -165,8 +180,7 @@ class CpuAssistLoRABackend:
         if started is not None and started[:2] != (layer, group):
             started = None  # begun for another projection and never applied: its workers finish it unread
         on_cpu, on_gpu = [], []
-        for seg, host in step.assisted:
-            cpu = self.on_cpu is None or self.on_cpu(seg[0], layer, group, seg[2] - seg[1])
+        for seg, host, cpu in self._decide(step, layer, group):
             (on_cpu if cpu else on_gpu).append((seg, host))
         if self.on_layer_device is not None:
             for slot in sorted({seg[0] for seg, _ in on_gpu}):

@@ -455,7 +455,9 @@ def test_backend_begin_hands_the_first_range_over_before_the_projection(pool2, h
     """begin() (the model calls it before each base projection) hands the first CPU range to the workers at once;
     apply() waits for that one and computes the others: same outputs, as many ranges on the workers."""
     _, hosts = host_cache
-    backend = CpuAssistLoRABackend(TorchLoRABackend(), pool2, lambda slot: hosts[slot], out_widths=GROUP_OUT)
+    asked = []  # on_cpu's questions: once per range and projection, begin's answers serving apply too
+    backend = CpuAssistLoRABackend(TorchLoRABackend(), pool2, lambda slot: hosts[slot], out_widths=GROUP_OUT,
+                                   on_cpu=lambda *question: asked.append(question) or True)
     info = LoRABatchInfo(SEGMENTS)
     backend.prepare(info, slot_weights, prefill_ranges=PREFILLS)
     g = torch.Generator().manual_seed(0)  # run_model_layers' inputs, with begin() before each apply()
@@ -480,6 +482,7 @@ def test_backend_begin_hands_the_first_range_over_before_the_projection(pool2, h
     for got, want in zip(outs, expected_outputs(slot_weights)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert backend.fallbacks == 0 and backend.cpu_ranges > handed
+    assert len(asked) == len(set(asked)) == NUM_LAYERS * len(PROJECTION_GROUPS) * len(info.kernel_meta.assisted)
 
 
 def test_backend_routes_prefill_to_workers_and_decode_to_inner(pool2, host_cache, slot_weights):
